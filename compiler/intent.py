@@ -1,0 +1,293 @@
+"""The intent language (kernform/v1): frozen pydantic models of a NetworkIntent.
+
+These models are the single source of truth for the file format: the JSON
+schema in schemas/ is generated from them, the loader validates against that
+schema for positions, then parses into these models for values. Field names
+are camelCase in YAML (aliases) and snake_case in Python.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+API_VERSION = "kernform/v1"
+KIND = "NetworkIntent"
+
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$"
+IFNAME_PATTERN = r"^[A-Za-z0-9_.:@-]{1,15}\*?$"
+
+
+def _to_camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, alias_generator=_to_camel)
+
+
+def _check_cidr(value: str) -> str:
+    """Canonical CIDR text; a bare address means a single host. Host bits set is a mistake, not a hint."""
+    try:
+        network = ipaddress.ip_network(value, strict=True)
+    except ValueError as exc:
+        raise ValueError(f"invalid CIDR {value!r}: {exc}") from None
+    return network.with_prefixlen
+
+
+def _check_address(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError(f"invalid IP address {value!r}") from None
+
+
+_PORT_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+
+
+def parse_port_range(value: int | str) -> tuple[int, int]:
+    """`80` or `"8000-8100"` to an inclusive (low, high) pair, checked to lie in 1..65535."""
+    match = _PORT_RANGE.match(str(value).strip())
+    if not match:
+        raise ValueError(f'invalid port or port range {value!r} (expected 80 or "8000-8100")')
+    low = int(match.group(1))
+    high = int(match.group(2) or low)
+    for port in (low, high):
+        if not 1 <= port <= 65535:
+            raise ValueError(f"port {port} is out of range 1-65535")
+    if low > high:
+        raise ValueError(f"port range {value!r} is reversed")
+    return low, high
+
+
+def _check_port_spec(value: int | str) -> int | str:
+    low, high = parse_port_range(value)
+    return low if low == high else f"{low}-{high}"
+
+
+def _check_mark(value: int | str) -> str:
+    """A firewall mark, optionally masked: 0x10, 16, "0x10/0xff". Canonical "0xVALUE/0xMASK"."""
+    text = str(value)
+    mark_text, _, mask_text = text.partition("/")
+    try:
+        mark = int(mark_text, 0)
+        mask = int(mask_text, 0) if mask_text else 0xFFFFFFFF
+    except ValueError:
+        raise ValueError(f'invalid mark {value!r} (expected 0x10 or "0x10/0xff")') from None
+    if not (0 < mark <= 0xFFFFFFFF and 0 < mask <= 0xFFFFFFFF):
+        raise ValueError(f"mark {value!r} must be 1..0xffffffff")
+    if mark & ~mask:
+        raise ValueError(f"mark {value!r} has bits outside its mask")
+    return f"{mark:#x}/{mask:#x}"
+
+
+def _check_id_range(value: int | str) -> str:
+    low, _, high = str(value).partition("-")
+    try:
+        lo, hi = int(low), int(high or low)
+    except ValueError:
+        raise ValueError(f'invalid id range {value!r} (expected 1000 or "1000-1999")') from None
+    if lo < 0 or hi < lo or hi > 0xFFFFFFFE:
+        raise ValueError(f"invalid id range {value!r}")
+    return f"{lo}-{hi}"
+
+
+Name = Annotated[
+    str, Field(pattern=NAME_PATTERN, description="lowercase letters, digits and '-', 1-32 chars")
+]
+Cidr = Annotated[
+    str, AfterValidator(_check_cidr), Field(description="IPv4 or IPv6 CIDR, or a single address")
+]
+Address = Annotated[str, AfterValidator(_check_address), Field(description="IPv4 or IPv6 address")]
+Port = Annotated[int, Field(ge=1, le=65535)]
+PortSpec = Annotated[
+    int | str,
+    AfterValidator(_check_port_spec),
+    Field(description='a port (80) or an inclusive range ("8000-8100")'),
+]
+Mark = Annotated[int | str, AfterValidator(_check_mark), Field(description='0x10 or "0x10/0xff"')]
+IdRange = Annotated[int | str, AfterValidator(_check_id_range), Field(description='1000 or "1000-1999"')]
+Interface = Annotated[
+    str, Field(pattern=IFNAME_PATTERN, description="interface name; a trailing * matches a prefix")
+]
+Protocol = Literal["tcp", "udp"]
+
+
+# ---------------------------------------------------------------- interception
+class InterceptionExclusions(_Model):
+    """Traffic that a rule must leave alone, most importantly the proxy's own connections (uids/gids/marks)."""
+
+    sources: list[Cidr] = []
+    destinations: list[Cidr] = []
+    ports: list[PortSpec] = []
+    uids: list[IdRange] = Field(default=[], description="outbound only: process owner uids not intercepted")
+    gids: list[IdRange] = Field(default=[], description="outbound only: process group ids not intercepted")
+    marks: list[Mark] = Field(default=[], description="packets carrying this mark are not intercepted")
+
+
+class InterceptionRule(_Model):
+    """Hand matching connections to a local transparent proxy on `proxyPort`.
+
+    inbound: traffic arriving on `interfaces` (gateway style); the proxy sees the
+    client address and, with getsockname(), the original destination.
+    outbound: traffic originated on this host (sidecar style).
+    """
+
+    name: Name
+    direction: Literal["inbound", "outbound"]
+    protocols: list[Protocol] = Field(default=["tcp"], min_length=1)
+    interfaces: list[Interface] = Field(default=[], description="inbound: input interfaces (empty: any)")
+    sources: list[Cidr] = []
+    destinations: list[Cidr] = []
+    ports: list[PortSpec] = Field(default=[], description="destination ports (empty: any)")
+    exclude: InterceptionExclusions = InterceptionExclusions()
+    proxy_port: Port | None = Field(default=None, description="the local proxy's listening port")
+
+
+class Interception(_Model):
+    fwmark: Mark = Field(
+        default="0x4b460001/0xffffffff",
+        description="mark that routes intercepted packets to the local proxy (policy routing)",
+    )
+    routing_table: int = Field(
+        default=7100, ge=1, le=0xFFFFFFF0, description="table holding 'local default dev lo'"
+    )
+    rule_priority: int = Field(default=100, ge=1, le=32765, description="priority of the fwmark ip rule")
+    rules: list[InterceptionRule] = []
+
+
+# ------------------------------------------------------------- load balancing
+class Backend(_Model):
+    address: Address
+    port: Port | None = Field(default=None, description="defaults to the service port")
+    weight: int = Field(default=1, ge=1, le=10000)
+
+
+class Service(_Model):
+    """A virtual IP:port spread over weighted backends; the client's source address is preserved."""
+
+    name: Name
+    vip: Address
+    port: Port
+    protocol: Protocol = "tcp"
+    algorithm: Literal["weighted-random", "source-hash"] = Field(
+        default="weighted-random",
+        description="weighted-random: per connection; source-hash: a client keeps its backend (Maglev table)",
+    )
+    backends: list[Backend] = Field(min_length=1)
+
+
+class LoadBalancing(_Model):
+    services: list[Service] = []
+
+
+# ---------------------------------------------------------------------- routing
+class Nexthop(_Model):
+    via: Address | None = None
+    dev: Interface | None = None
+    weight: int = Field(default=1, ge=1, le=256)
+
+
+class Route(_Model):
+    to: Cidr | Literal["default", "default6"] = Field(
+        description="destination CIDR; 'default' (v4) or 'default6'"
+    )
+    type: Literal["unicast", "local", "blackhole", "unreachable", "prohibit"] = "unicast"
+    via: Address | None = None
+    dev: Interface | None = None
+    metric: int = Field(default=0, ge=0, le=0xFFFFFFFF)
+    nexthops: list[Nexthop] = Field(default=[], description="multipath: several weighted next hops")
+
+
+class RoutingTable(_Model):
+    name: Name
+    id: int = Field(ge=1, le=0xFFFFFFF0, description="kernel table number; 253-255 are the system's")
+    routes: list[Route] = []
+
+
+class PolicyRule(_Model):
+    """An ip rule: traffic matching all given selectors looks up `table`."""
+
+    name: Name
+    priority: int = Field(ge=1, le=32765)
+    table: Name = Field(description="name of a table in routing.tables")
+    from_: Cidr | None = Field(default=None, alias="from")
+    to: Cidr | None = None
+    protocol: Protocol | None = None
+    ports: PortSpec | None = Field(default=None, description="destination port or range (needs protocol)")
+    source_ports: PortSpec | None = None
+    iif: Interface | None = None
+    oif: Interface | None = None
+    fwmark: Mark | None = None
+    uid_range: IdRange | None = None
+    family: Literal["ipv4", "ipv6", "both"] | None = Field(
+        default=None, description="defaults to the family of from/to, else both"
+    )
+
+
+class Routing(_Model):
+    tables: list[RoutingTable] = []
+    rules: list[PolicyRule] = []
+
+
+# -------------------------------------------------------------------- filtering
+class RateLimit(_Model):
+    rate: int = Field(ge=1, description="packets per `per` allowed for each source address")
+    per: Literal["second", "minute"] = "second"
+    burst: int = Field(default=5, ge=1)
+
+
+class FilterRule(_Model):
+    name: Name
+    action: Literal["allow", "deny", "rate-limit"]
+    interfaces: list[Interface] = Field(
+        default=[], description="input/forward: in-interface; output: out-interface"
+    )
+    sources: list[Cidr] = []
+    destinations: list[Cidr] = []
+    protocol: Literal["tcp", "udp", "icmp", "any"] = "any"
+    ports: list[PortSpec] = Field(default=[], description="destination ports (tcp/udp)")
+    rate_limit: RateLimit | None = Field(
+        default=None, description="required for action rate-limit: per source"
+    )
+
+
+class FilterChain(_Model):
+    default: Literal["allow", "deny"] = "allow"
+    stateful: bool = Field(
+        default=True, description="replies and related packets of accepted connections pass before the rules"
+    )
+    rules: list[FilterRule] = []
+
+
+class Filtering(_Model):
+    input: FilterChain | None = None
+    forward: FilterChain | None = None
+    output: FilterChain | None = None
+
+
+# ------------------------------------------------------------------------ intent
+class Spec(_Model):
+    backend: Literal["tproxy", "ebpf"] = "tproxy"
+    interception: Interception = Interception()
+    load_balancing: LoadBalancing = LoadBalancing()
+    routing: Routing = Routing()
+    filtering: Filtering = Filtering()
+
+
+class Metadata(_Model):
+    name: Name
+
+
+class NetworkIntent(_Model):
+    """A host's (or a network namespace's) whole network intent."""
+
+    schema_: str | None = Field(default=None, alias="$schema")
+    api_version: Literal["kernform/v1"] = Field(alias="apiVersion")
+    kind: Literal["NetworkIntent"]
+    metadata: Metadata
+    spec: Spec = Spec()

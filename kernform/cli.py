@@ -1,0 +1,256 @@
+"""The `kernform` command line: validate, compile, plan, apply, destroy, status, sandbox, demo.
+
+Exit status: 0 success; 1 error (an invalid file, a kernel failure); with
+`plan --detailed-exitcode`, 2 when changes are pending (as Terraform does).
+Errors are printed as FILE:LINE:COL: message (intent problems) or one line
+saying what failed and what was kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from compiler import BACKENDS, compile_intent
+from compiler.errors import ApplyError, IntentError, KernformError
+from compiler.loader import LoadedIntent, load_file
+from compiler.objects import NFT_TABLE_PREFIX, count_by_kind
+from compiler.render import render
+from reconciler.apply import apply, destroy, make_plan
+from reconciler.observe import Target
+from reconciler.plan import render_text
+
+
+def _colour(stream: Any) -> bool:
+    return bool(getattr(stream, "isatty", lambda: False)()) and "NO_COLOR" not in os.environ
+
+
+def _load(path: str) -> LoadedIntent:
+    return load_file(path)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    status = 0
+    for path in args.files:
+        try:
+            loaded = _load(path)
+        except IntentError as exc:
+            print(exc, file=sys.stderr)
+            status = 1
+            continue
+        desired = compile_intent(loaded.intent, "tproxy")
+        counts = count_by_kind(desired.objects)
+        print(f"{path}: valid (intent {loaded.intent.metadata.name}, {sum(counts.values())} kernel objects)")
+    return status
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    loaded = _load(args.file)
+    desired = compile_intent(loaded.intent, args.backend)
+    sys.stdout.write(render(desired))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    loaded = _load(args.file)
+    desired = compile_intent(loaded.intent, args.backend)
+    with Target(args.netns) as target:
+        plan, _ = make_plan(target, desired)
+    if args.json:
+        print(plan.to_json())
+    else:
+        sys.stdout.write(render_text(plan, colour=_colour(sys.stdout), full=args.full))
+    if args.detailed_exitcode and not plan.empty:
+        return 2
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    loaded = _load(args.file)
+    desired = compile_intent(loaded.intent, args.backend)
+    with Target(args.netns) as target:
+        plan, observed = make_plan(target, desired)
+        if not args.quiet:
+            sys.stdout.write(render_text(plan, colour=_colour(sys.stdout), full=args.full))
+        if plan.empty:
+            return 0
+        result = apply(target, desired, plan, observed)
+    counts = plan.counts()
+    print(
+        f"Apply complete: {counts['add']} added, {counts['change']} changed, {counts['remove']} removed "
+        f"({result.operations} kernel operations, {result.seconds * 1000:.0f} ms); verified."
+    )
+    return 0
+
+
+def cmd_destroy(args: argparse.Namespace) -> int:
+    name = args.intent or _load(args.file).intent.metadata.name
+    with Target(args.netns) as target:
+        result = destroy(target, name)
+    if result.plan.empty:
+        print(f"Nothing to destroy: intent {name} owns no objects on {target.label}.")
+    else:
+        print(f"Destroy complete: {len(result.plan.actions)} objects of intent {name} removed from {target.label}.")
+    return 0
+
+
+def _counter_origin(name: str) -> str:
+    if name.startswith("f_"):
+        direction, _, rule = name[2:].partition("_")
+        if rule.endswith("_pass"):
+            return f"filtering.{direction}/{rule[:-5]} (passed)"
+        return f"filtering.{direction}/{rule}"
+    if name.startswith("lb_"):
+        return f"loadBalancing/{name[3:]}"
+    return name
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    report: list[dict[str, Any]] = []
+    with Target(args.netns) as target:
+        if args.file:
+            loaded = _load(args.file)
+            names = [loaded.intent.metadata.name]
+        else:
+            names = [t[len(NFT_TABLE_PREFIX):] for t in target.nft.tables()]
+        for name in names:
+            observed = target.observe(name)
+            entry: dict[str, Any] = {
+                "intent": name,
+                "applied": observed.nft.exists,
+                "objects": dict(count_by_kind(observed.objects)),
+                "counters": {
+                    _counter_origin(c): {"packets": p, "bytes": b} for c, (p, b) in sorted(observed.nft.counters.items())
+                },
+            }
+            if args.file:
+                desired = compile_intent(loaded.intent, args.backend)
+                plan, _ = make_plan(target, desired)
+                entry["inSync"] = plan.empty
+                entry["pendingChanges"] = plan.counts()
+            report.append(entry)
+    if args.json:
+        print(json.dumps({"target": target.label, "intents": report}, indent=2))
+        return 0
+    if not report:
+        print(f"No kernform intents are applied on {target.label}.")
+    for entry in report:
+        state = "applied" if entry["applied"] else "not applied"
+        sync = ""
+        if "inSync" in entry:
+            sync = ", in sync with the file" if entry["inSync"] else f", drifted/pending: {entry['pendingChanges']}"
+        print(f"intent {entry['intent']} on {target.label}: {state}{sync}")
+        objects = ", ".join(f"{n} {k}" for k, n in sorted(entry["objects"].items()))
+        if objects:
+            print(f"  objects: {objects}")
+        for origin, value in entry["counters"].items():
+            print(f"  {origin:<48} {value['packets']:>12} packets {value['bytes']:>14} bytes")
+    return 0
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from . import lab
+
+    if args.action == "up":
+        lab_map = lab.up(args.prefix)
+        print(lab_map.render())
+    else:
+        lab.down(args.prefix)
+        print(f"sandbox {args.prefix} removed")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    return demo.run(backend=args.backend, prefix=args.prefix, keep=args.keep)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="kernform", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = top.add_subparsers(dest="command", required=True)
+
+    def with_backend(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--backend", choices=BACKENDS, help="override spec.backend")
+
+    def with_netns(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--netns", metavar="NS", help="target this network namespace (default: the host's)")
+
+    p = sub.add_parser("validate", help="check intent files and report every problem as FILE:LINE:COL")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("compile", help="print the lowered artifacts (nft ruleset, ip rules and routes)")
+    p.add_argument("file", metavar="FILE")
+    with_backend(p)
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("plan", help="dry run: what apply would change in the kernel")
+    p.add_argument("file", metavar="FILE")
+    with_backend(p)
+    with_netns(p)
+    p.add_argument("--json", action="store_true", help="machine-readable plan (schemas/plan.schema.json)")
+    p.add_argument("--detailed-exitcode", action="store_true", help="exit 0: no changes, 2: changes, 1: error")
+    p.add_argument("--full", action="store_true", help="list every set element instead of a summary per set")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("apply", help="make the kernel hold the intent (atomic, verified)")
+    p.add_argument("file", metavar="FILE")
+    with_backend(p)
+    with_netns(p)
+    p.add_argument("--quiet", "-q", action="store_true", help="do not print the plan")
+    p.add_argument("--full", action="store_true", help="list every set element in the plan")
+    p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("destroy", help="remove every object the intent owns")
+    p.add_argument("file", metavar="FILE", nargs="?")
+    p.add_argument("--intent", metavar="NAME", help="the intent's metadata.name, instead of a file")
+    with_netns(p)
+    p.set_defaults(func=cmd_destroy)
+
+    p = sub.add_parser("status", help="what is applied, with per-rule counters")
+    p.add_argument("file", metavar="FILE", nargs="?")
+    with_backend(p)
+    with_netns(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("sandbox", help="the isolated lab of network namespaces")
+    p.add_argument("action", choices=("up", "down"))
+    p.add_argument("--prefix", default="kf", help="namespace name prefix (default kf)")
+    p.set_defaults(func=cmd_sandbox)
+
+    p = sub.add_parser("demo", help="lab up, apply an example, show real traffic, destroy, lab down")
+    with_backend(p)
+    p.add_argument("--prefix", default="kf")
+    p.add_argument("--keep", action="store_true", help="leave the lab and the applied intent in place")
+    p.set_defaults(func=cmd_demo)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if getattr(args, "command", None) == "destroy" and not (args.file or args.intent):
+        print("kernform destroy: give FILE or --intent NAME", file=sys.stderr)
+        return 1
+    try:
+        return int(args.func(args))
+    except IntentError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except ApplyError as exc:
+        print(f"kernform: apply failed: {exc}", file=sys.stderr)
+        residual = getattr(exc, "residual", None)
+        if residual is not None:
+            sys.stderr.write(render_text(residual))
+        return 1
+    except KernformError as exc:
+        print(f"kernform: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+

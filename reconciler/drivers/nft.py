@@ -1,0 +1,293 @@
+"""The nftables driver: the only code that reads or writes nft state.
+
+Ownership: kernform owns exactly the tables named `kernform-<intent>` in the
+inet family, and everything inside them; any other table is foreign and never
+read for diffing, changed or deleted, even when it hooks the same places.
+
+Writes are text commands handed to libnftables as one buffer, which the kernel
+applies as one atomic transaction: either the whole change lands or nothing
+does. Reads use nft's JSON output. Rules and sets carry `kf:` comments with a
+digest of what we wrote, so reading back needs no parser of nft expressions.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from compiler.errors import KernelError
+from compiler.objects import (
+    NFT_FAMILY,
+    NFT_TABLE_PREFIX,
+    KernelObject,
+    NftChain,
+    NftCounter,
+    NftElement,
+    NftRule,
+    NftSet,
+    NftTable,
+    ObjectKey,
+)
+
+from ..netns import entered
+from ..plan import Action
+
+# Debian ships the libnftables binding outside the venv's path.
+if "/usr/lib/python3/dist-packages" not in sys.path:
+    sys.path.append("/usr/lib/python3/dist-packages")
+import nftables  # noqa: E402
+
+ELEMENTS_PER_COMMAND = 4000
+
+
+@dataclass(frozen=True)
+class NftObservation:
+    """Our table as the kernel holds it: objects to diff, and the raw listing to restore from."""
+
+    table: str
+    objects: tuple[KernelObject, ...]
+    snapshot: tuple[dict[str, Any], ...] | None
+    counters: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+
+    @property
+    def exists(self) -> bool:
+        return self.snapshot is not None
+
+
+class NftDriver:
+    def __init__(self, netns: str | None) -> None:
+        self.netns = netns
+        with entered(netns):
+            # The context's netlink socket is bound to the namespace it was created in.
+            self._nft = nftables.Nftables()
+        self._nft.set_json_output(True)
+        self._nft.set_handle_output(True)
+        self.operations = 0
+
+    # ------------------------------------------------------------------ reading
+    def _run(self, command: str) -> str:
+        rc, output, error = self._nft.cmd(command)
+        if rc != 0:
+            raise KernelError(f"nft: {error.strip() or 'command failed'} (in: {command[:200]})")
+        return str(output)
+
+    def tables(self) -> list[str]:
+        """Names of the kernform tables in this namespace (one per applied intent)."""
+        listing = json.loads(self._run(f"list tables {NFT_FAMILY}") or '{"nftables": []}')
+        return sorted(
+            item["table"]["name"]
+            for item in listing["nftables"]
+            if "table" in item and item["table"]["name"].startswith(NFT_TABLE_PREFIX)
+        )
+
+    def observe(self, table: str) -> NftObservation:
+        rc, output, _ = self._nft.cmd(f"list table {NFT_FAMILY} {table}")
+        if rc != 0:
+            # A missing table is the normal state before the first apply.
+            if table not in self.tables():
+                return NftObservation(table, (), None)
+            raise KernelError(f"nft: cannot list table {table}")
+        items = [item for item in json.loads(output)["nftables"] if "metainfo" not in item]
+        return _parse_table(table, items)
+
+    # ------------------------------------------------------------------ writing
+    def apply(self, actions: Sequence[Action], desired: Iterable[KernelObject], observed: NftObservation) -> int:
+        """Carry out the nft actions of a plan in one transaction; returns the number of commands sent."""
+        commands = build_batch(actions, desired, observed)
+        if not commands:
+            return 0
+        self._transaction(commands)
+        return len(commands)
+
+    def _transaction(self, commands: Sequence[str]) -> None:
+        rc, _, error = self._nft.cmd("\n".join(commands) + "\n")
+        if rc != 0:
+            raise KernelError(f"nft rejected the transaction, nothing was changed: {error.strip()}")
+        self.operations += len(commands)
+
+    def restore(self, observation: NftObservation) -> None:
+        """Put our table back exactly as `observation` saw it (one transaction)."""
+        current = self.tables()
+        batch: list[dict[str, Any]] = []
+        if observation.table in current:
+            batch.append({"delete": {"table": {"family": NFT_FAMILY, "name": observation.table}}})
+        if observation.snapshot is not None:
+            for item in observation.snapshot:
+                ((kind, body),) = item.items()
+                body = {k: v for k, v in body.items() if k != "handle"}
+                batch.append({"add": {kind: body}})
+        if not batch:
+            return
+        rc, _, error = self._nft.json_cmd({"nftables": batch})
+        if rc != 0:
+            raise KernelError(f"nft: could not restore table {observation.table}: {error}")
+
+    def delete_table(self, table: str) -> int:
+        if table not in self.tables():
+            return 0
+        self._transaction([f"delete table {NFT_FAMILY} {table}"])
+        return 1
+
+
+# ---------------------------------------------------------------------- parsing
+def _comment_digest(body: Mapping[str, Any]) -> str:
+    comment = str(body.get("comment", ""))
+    return comment[3:] if comment.startswith("kf:") else ""
+
+
+def element_text(value: Any) -> str:
+    """nft JSON element (key or map value) to the canonical text the compiler writes."""
+    if isinstance(value, dict):
+        if "prefix" in value:
+            return f"{value['prefix']['addr']}/{value['prefix']['len']}"
+        if "range" in value:
+            low, high = value["range"]
+            return f"{element_text(low)}-{element_text(high)}"
+        if "concat" in value:
+            return " . ".join(element_text(v) for v in value["concat"])
+        if "elem" in value:
+            return element_text(value["elem"]["val"])
+    return str(value)
+
+
+def _parse_table(table: str, items: list[dict[str, Any]]) -> NftObservation:
+    objects: list[KernelObject] = []
+    counters: dict[str, tuple[int, int]] = {}
+    rule_positions: dict[str, int] = {}
+    for item in items:
+        ((kind, body),) = item.items()
+        if kind == "table":
+            objects.append(NftTable(table))
+        elif kind == "counter":
+            counters[body["name"]] = (body.get("packets", 0), body.get("bytes", 0))
+            objects.append(NftCounter(table, body["name"], packets=body.get("packets", 0), bytes=body.get("bytes", 0)))
+        elif kind in ("set", "map"):
+            objects.append(NftSet(table, body["name"], _comment_digest(body), kind == "map"))
+            if "timeout" in body.get("flags", []):
+                continue  # meters: their elements are data-plane state, not configuration
+            for elem in body.get("elem", []):
+                if kind == "map":
+                    key, value = elem if isinstance(elem, list) else (elem["elem"]["val"], None)
+                    objects.append(NftElement(table, body["name"], element_text(key), element_text(value)))
+                else:
+                    objects.append(NftElement(table, body["name"], element_text(elem)))
+        elif kind == "chain":
+            objects.append(NftChain(table, body["name"], body.get("type", ""), body.get("hook", ""),
+                                    int(body.get("prio", 0)), body.get("policy", "accept")))
+        elif kind == "rule":
+            chain = body["chain"]
+            index = rule_positions.get(chain, 0)
+            rule_positions[chain] = index + 1
+            rule_id, _, rule_digest = _comment_digest(body).rpartition(":")
+            if not rule_id:
+                # Not written by us (or edited): a unique id makes the diff remove it.
+                rule_id, rule_digest = f"unknown-handle-{body.get('handle')}", ""
+            objects.append(NftRule(table, chain, rule_id, index, rule_digest))
+    return NftObservation(table, tuple(objects), tuple(items), counters)
+
+
+# ------------------------------------------------------------------- the batch
+def _quote(text: str) -> str:
+    return '"' + text.replace('"', '\\"') + '"'
+
+
+def _set_command(s: NftSet, table: str) -> str:
+    word = "map" if s.is_map else "set"
+    return f"add {word} {NFT_FAMILY} {table} {s.name} {{ {s.declaration} comment {_quote('kf:' + s.digest)}; }}"
+
+
+def _element_commands(verb: str, table: str, set_name: str, elements: Sequence[NftElement]) -> list[str]:
+    commands = []
+    for start in range(0, len(elements), ELEMENTS_PER_COMMAND):
+        chunk = elements[start : start + ELEMENTS_PER_COMMAND]
+        body = ", ".join(
+            e.element if (e.value is None or verb == "delete") else f"{e.element} : {e.value}" for e in chunk
+        )
+        commands.append(f"{verb} element {NFT_FAMILY} {table} {set_name} {{ {body} }}")
+    return commands
+
+
+def rule_command(rule: NftRule) -> str:
+    return f"add rule {NFT_FAMILY} {rule.table} {rule.chain} {rule.text} comment {_quote(rule.comment())}"
+
+
+def build_batch(actions: Sequence[Action], desired: Iterable[KernelObject], observed: NftObservation) -> list[str]:
+    """The text commands of one transaction that carries out `actions` (see the module docstring).
+
+    Rules are never edited in place: a chain with any rule change is flushed and
+    refilled in order, in the same transaction, so rule order is always right;
+    counters are named objects and survive it.
+    """
+    actions = [a for a in actions if a.kind.startswith("nft.")]
+    if not actions:
+        return []
+    table = observed.table
+    if any(a.kind == NftTable.kind and a.op == "remove" for a in actions):
+        return [f"delete table {NFT_FAMILY} {table}"]
+    desired_list = [o for o in desired if o.kind.startswith("nft.")]
+    observed_keys: dict[ObjectKey, KernelObject] = {o.key: o for o in observed.objects}
+    by_kind: dict[tuple[str, str], list[Action]] = {}
+    for action in actions:
+        by_kind.setdefault((action.kind, action.op), []).append(action)
+
+    def acted(kind: str, *ops: str) -> list[Action]:
+        return [a for op in ops for a in by_kind.get((kind, op), [])]
+
+    commands: list[str] = []
+    if acted(NftTable.kind, "add"):
+        commands.append(f"add table {NFT_FAMILY} {table}")
+    commands += [f"add counter {NFT_FAMILY} {table} {a.key.name}" for a in acted(NftCounter.kind, "add")]
+
+    sets_dropped = {a.key.name for a in acted(NftSet.kind, "change", "remove")}
+    chains_replaced = {a.key.name for a in acted(NftChain.kind, "change")}
+    chains_removed = {a.key.name for a in acted(NftChain.kind, "remove")}
+    rewrite = {(a.new or a.old).chain for a in acted(NftRule.kind, "add", "change", "remove")}  # type: ignore[union-attr]
+    rewrite |= chains_replaced
+    existing_chains = {o.name for o in observed.objects if isinstance(o, NftChain)}
+    if sets_dropped:
+        # A set cannot be deleted while a rule refers to it: refill every chain.
+        rewrite |= existing_chains
+    flush = sorted((rewrite | chains_removed) & existing_chains)
+    commands += [f"flush chain {NFT_FAMILY} {table} {c}" for c in flush]
+    commands += [f"delete chain {NFT_FAMILY} {table} {c}" for c in sorted(chains_replaced | chains_removed)]
+
+    stale: dict[str, list[NftElement]] = {}
+    for action in acted(NftElement.kind, "remove", "change"):
+        element = action.old
+        assert isinstance(element, NftElement)
+        if element.set not in sets_dropped:
+            stale.setdefault(element.set, []).append(element)
+    for set_name, elements in sorted(stale.items()):
+        commands += _element_commands("delete", table, set_name, elements)
+    for action in acted(NftSet.kind, "change", "remove"):
+        old = action.old
+        assert isinstance(old, NftSet)
+        commands.append(f"delete {'map' if old.is_map else 'set'} {NFT_FAMILY} {table} {old.name}")
+
+    new_sets = {a.key.name: a.new for a in acted(NftSet.kind, "add", "change")}
+    commands += [_set_command(s, table) for s in new_sets.values() if isinstance(s, NftSet)]
+    fresh: dict[str, list[NftElement]] = {}
+    recreated = {name for name in new_sets if ObjectKey(NftSet.kind, name) in observed_keys}
+    for obj in desired_list:
+        if isinstance(obj, NftElement) and obj.set in recreated:
+            fresh.setdefault(obj.set, []).append(obj)
+    for action in acted(NftElement.kind, "add", "change"):
+        element = action.new
+        assert isinstance(element, NftElement)
+        if element.set not in recreated:
+            fresh.setdefault(element.set, []).append(element)
+    for set_name, elements in sorted(fresh.items()):
+        commands += _element_commands("add", table, set_name, elements)
+
+    for action in acted(NftChain.kind, "add", "change"):
+        chain = action.new
+        assert isinstance(chain, NftChain)
+        commands.append(f"add chain {NFT_FAMILY} {table} {chain.name} {{ {chain.declaration()} }}")
+    rules = sorted((o for o in desired_list if isinstance(o, NftRule) and o.chain in rewrite),
+                   key=lambda r: (r.chain, r.index))
+    commands += [rule_command(r) for r in rules]
+    commands += [f"delete counter {NFT_FAMILY} {table} {a.key.name}" for a in acted(NftCounter.kind, "remove")]
+    return commands

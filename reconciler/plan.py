@@ -1,0 +1,182 @@
+"""A plan: the ordered difference between desired and observed state, as a value.
+
+`diff()` computes it (pure); `render_text()` shows it to people, Terraform
+style (+ add, ~ change, - remove), naming the intent rule each change comes
+from; `to_json()` gives machines the same value (schemas/plan.schema.json).
+`apply` executes exactly this value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from compiler.objects import KIND_ORDER, KernelObject, ObjectKey
+
+Op = Literal["add", "change", "remove"]
+_SYMBOL = {"add": "+", "change": "~", "remove": "-"}
+_KIND_RANK = {kind: rank for rank, kind in enumerate(KIND_ORDER)}
+
+
+@dataclass(frozen=True)
+class Action:
+    op: Op
+    key: ObjectKey
+    old: KernelObject | None
+    new: KernelObject | None
+
+    @property
+    def kind(self) -> str:
+        return self.key.kind
+
+    @property
+    def origin(self) -> str:
+        source = self.new if self.new is not None else self.old
+        origin = getattr(source, "origin", "") if source is not None else ""
+        return origin or ("not in the intent" if self.op == "remove" else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "op": self.op,
+            "kind": self.key.kind,
+            "key": self.key.name,
+            "origin": self.origin,
+            "old": _object_dict(self.old),
+            "new": _object_dict(self.new),
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    intent: str
+    backend: str
+    target: str
+    actions: tuple[Action, ...]
+
+    @property
+    def empty(self) -> bool:
+        return not self.actions
+
+    def counts(self) -> dict[str, int]:
+        result = {"add": 0, "change": 0, "remove": 0}
+        for action in self.actions:
+            result[action.op] += 1
+        return result
+
+    def of_kinds(self, kinds: Iterable[str]) -> tuple[Action, ...]:
+        wanted = set(kinds)
+        return tuple(a for a in self.actions if a.kind in wanted)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "formatVersion": 1,
+            "intent": self.intent,
+            "backend": self.backend,
+            "target": self.target,
+            "summary": self.counts(),
+            "actions": [a.to_dict() for a in self.actions],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+
+def diff(intent: str, backend: str, target: str,
+         desired: Mapping[ObjectKey, KernelObject], observed: Mapping[ObjectKey, KernelObject]) -> Plan:
+    """The actions that turn `observed` into `desired`: creations in dependency order, removals in reverse."""
+    creations: list[Action] = []
+    removals: list[Action] = []
+    for key, want in desired.items():
+        have = observed.get(key)
+        if have is None:
+            creations.append(Action("add", key, None, want))
+        elif have != want:
+            creations.append(Action("change", key, have, want))
+    for key, have in observed.items():
+        if key not in desired:
+            removals.append(Action("remove", key, have, None))
+    creations.sort(key=lambda a: (_KIND_RANK[a.kind], _position(a), a.key.name))
+    removals.sort(key=lambda a: (-_KIND_RANK[a.kind], a.key.name))
+    return Plan(intent=intent, backend=backend, target=target, actions=tuple(creations + removals))
+
+
+def _position(action: Action) -> int:
+    obj = action.new
+    return getattr(obj, "index", 0) if obj is not None else 0
+
+
+def _object_dict(obj: KernelObject | None) -> dict[str, Any] | None:
+    if obj is None:
+        return None
+    data = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.name not in ("origin",)}
+    data["description"] = obj.describe()
+    return json.loads(json.dumps(data, default=_jsonable))
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    return str(value)
+
+
+# ------------------------------------------------------------------- rendering
+_COLOURS = {"add": "\033[32m", "change": "\033[33m", "remove": "\033[31m"}
+_RESET = "\033[0m"
+ELEMENTS_SHOWN_PER_SET = 8
+
+
+def render_text(plan: Plan, colour: bool = False, full: bool = False) -> str:
+    """Terraform-style text: one line per action, large element changes summarised per set unless `full`."""
+    lines = [f"kernform plan: intent {plan.intent} (backend {plan.backend}) on {plan.target}", ""]
+    element_groups: dict[tuple[str, str], list[Action]] = {}
+    for action in plan.actions:
+        if action.kind == "nft.element":
+            obj = action.new or action.old
+            element_groups.setdefault((action.op, getattr(obj, "set", "")), []).append(action)
+    shown_groups: set[tuple[str, str]] = set()
+    for action in plan.actions:
+        if action.kind == "nft.element" and not full:
+            obj = action.new or action.old
+            group_key = (action.op, getattr(obj, "set", ""))
+            group = element_groups[group_key]
+            if len(group) > ELEMENTS_SHOWN_PER_SET:
+                if group_key in shown_groups:
+                    continue
+                shown_groups.add(group_key)
+                sample = ", ".join(_element_label(a) for a in group[:3])
+                text = f"{len(group)} elements of {group_key[1]} ({sample}, ...)"
+                lines.append(_line(action, text, colour))
+                continue
+        lines.append(_line(action, _describe(action), colour))
+    counts = plan.counts()
+    if plan.empty:
+        lines.append("No changes. The kernel matches the intent.")
+    else:
+        lines.append("")
+        lines.append(f"Plan: {counts['add']} to add, {counts['change']} to change, {counts['remove']} to remove.")
+    return "\n".join(lines) + "\n"
+
+
+def _element_label(action: Action) -> str:
+    obj = action.new or action.old
+    return getattr(obj, "element", "?")
+
+
+def _describe(action: Action) -> str:
+    if action.op == "change" and action.old is not None and action.new is not None:
+        old, new = action.old.describe(), action.new.describe()
+        return f"{new}\n      (was: {old})" if old != new else new
+    obj = action.new if action.new is not None else action.old
+    return obj.describe() if obj is not None else str(action.key)
+
+
+def _line(action: Action, text: str, colour: bool) -> str:
+    symbol = _SYMBOL[action.op]
+    origin = f"   # {action.origin}" if action.origin else ""
+    line = f"  {symbol} {text}{origin}"
+    return f"{_COLOURS[action.op]}{line}{_RESET}" if colour else line
