@@ -9,6 +9,7 @@ object has a stable ObjectKey, unique within one intent.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Union
@@ -307,3 +308,191 @@ def count_by_kind(objects: Iterable[KernelObject]) -> Mapping[str, int]:
     for obj in objects:
         counts[obj.kind] = counts.get(obj.kind, 0) + 1
     return counts
+
+
+# ------------------------------------------------ canonical routes and rules
+# The kernel reports routes and rules in one normal form; the compiler must
+# build them in the same form, or the diff would never be empty. These pure
+# functions are that form, and the netlink driver builds its observed objects
+# through them too, so both sides agree by construction. They raise ValueError
+# for objects the kernel cannot hold or would report differently (the compiler
+# turns that into an IntentError at the offending line).
+
+ROUTE_TYPES: tuple[str, ...] = ("unicast", "local", "blackhole", "unreachable", "prohibit")
+# Types that drop the packet: no next hop at all (IPv6 reports `dev lo` for them; it is noise).
+REJECT_ROUTE_TYPES = frozenset({"blackhole", "unreachable", "prohibit"})
+# IPv6 has no metric 0: the kernel stores a route asked with metric 0 as 1024 (IP6_RT_PRIO_USER).
+IPV6_DEFAULT_METRIC = 1024
+U32_MAX = 0xFFFFFFFF
+
+
+def _check_family(family: int) -> None:
+    if family not in (4, 6):
+        raise ValueError(f"address family must be 4 or 6, not {family!r}")
+
+
+def canonical_prefix(family: int, text: str) -> str:
+    """`text` as the kernel reports it: network address with its length ("10.1.0.0/16", "::/0").
+
+    Host bits must be zero: the kernel refuses them in routes and keeps them
+    verbatim in rules, so accepting them here would only hide a typo.
+    """
+    _check_family(family)
+    network = ipaddress.ip_network(text, strict=True)
+    if network.version != family:
+        raise ValueError(f"{text} is not an IPv{family} prefix")
+    return network.with_prefixlen
+
+
+def canonical_address(family: int, text: str) -> str:
+    """An address in the text ipaddress prints ("fd00::1", never "fd00:0::1")."""
+    _check_family(family)
+    address = ipaddress.ip_address(text)
+    if address.version != family:
+        raise ValueError(f"{text} is not an IPv{family} address")
+    return str(address)
+
+
+def canonical_metric(family: int, metric: int) -> int:
+    """The metric the kernel will report: IPv6 turns 0 into 1024, IPv4 keeps 0 ("no metric")."""
+    _check_family(family)
+    if not 0 <= metric <= U32_MAX:
+        raise ValueError(f"metric {metric} is out of range 0..{U32_MAX}")
+    return IPV6_DEFAULT_METRIC if family == 6 and metric == 0 else metric
+
+
+def _nexthop_order(hop: Nexthop) -> tuple[str, str, int]:
+    return (hop.gateway or "", hop.dev or "", hop.weight)
+
+
+def canonical_nexthops(nexthops: Iterable[Nexthop]) -> tuple[Nexthop, ...]:
+    """Next hops in kernform's canonical order: sorted by (gateway text, dev, weight).
+
+    The kernel keeps multipath next hops in the order they were given, but
+    that order carries no meaning kernform models, and IPv6 rebuilds it from
+    sibling routes; sorting on both sides makes the comparison order-free.
+    A single next hop always has weight 1: the kernel keeps no weight for a
+    route with one path, so none can be read back.
+    """
+    hops = [
+        Nexthop(None if hop.gateway is None else str(ipaddress.ip_address(hop.gateway)), hop.dev or None,
+                hop.weight)
+        for hop in nexthops
+    ]
+    if len(hops) == 1:
+        hops[0] = Nexthop(hops[0].gateway, hops[0].dev, 1)
+    return tuple(sorted(hops, key=_nexthop_order))
+
+
+def ip_route(
+    family: int,
+    table: int,
+    destination: str,
+    *,
+    metric: int = 0,
+    type: str = "unicast",
+    nexthops: Iterable[Nexthop] = (),
+    origin: str = "",
+) -> IpRoute:
+    """A route in canonical form, equal to what the netlink driver observes once it is in the kernel.
+
+    - `destination`: prefix text ("0.0.0.0/0", "::/0", "fd70:1::/64").
+    - `metric`: as reported; IPv6 metric 0 becomes 1024 (see canonical_metric).
+    - `nexthops` by type:
+      * unicast: one or more; every next hop names its `dev`, because the
+        kernel always reports the device it resolved, so a hop without one
+        could never compare equal. IPv6 multipath hops need a gateway (the
+        kernel only merges gateway routes into one multipath route). Weights
+        1..256 (a single hop: weight 1, see canonical_nexthops).
+      * local: exactly one hop with a dev and no gateway (`local 0.0.0.0/0 dev lo`).
+      * blackhole / unreachable / prohibit: none, `()`.
+    """
+    _check_family(family)
+    if type not in ROUTE_TYPES:
+        raise ValueError(f"route type {type!r} is not one of {', '.join(ROUTE_TYPES)}")
+    if not 1 <= table <= U32_MAX or table in (253, 254, 255):
+        raise ValueError(f"table {table} is not a table kernform may own (1..{U32_MAX}, not 253-255)")
+    prefix = canonical_prefix(family, destination)
+    hops = canonical_nexthops(nexthops)
+    for hop in hops:
+        if hop.gateway is not None:
+            canonical_address(family, hop.gateway)
+        if not 1 <= hop.weight <= 256:
+            raise ValueError(f"route {prefix}: next hop weight {hop.weight} is out of range 1..256")
+    if type in REJECT_ROUTE_TYPES and hops:
+        raise ValueError(f"{type} route {prefix} has no next hop")
+    if type == "local" and (len(hops) != 1 or hops[0].dev is None or hops[0].gateway is not None):
+        raise ValueError(f"local route {prefix} needs exactly one device and no gateway (e.g. dev lo)")
+    if type == "unicast":
+        if not hops:
+            raise ValueError(f"route {prefix} needs a next hop (via and dev)")
+        if any(hop.dev is None for hop in hops):
+            raise ValueError(f"route {prefix}: every next hop must name its device (dev)")
+        if family == 6 and len(hops) > 1 and any(hop.gateway is None for hop in hops):
+            raise ValueError(f"IPv6 multipath route {prefix}: every next hop needs a gateway (via)")
+    return IpRoute(family, table, prefix, canonical_metric(family, metric), type, hops, origin=origin)
+
+
+def _port_range(label: str, span: tuple[int, int] | None, top: int) -> tuple[int, int] | None:
+    if span is None:
+        return None
+    low, high = span
+    if (label != "uid_range" and (low, high) == (0, 0)) or (label == "uid_range" and (low, high) == (0, top)):
+        return None  # the kernel's "unset"
+    if not 0 <= low <= high <= top or (label != "uid_range" and low == 0):
+        raise ValueError(f"{label} {low}-{high} is not a range within {0 if label == 'uid_range' else 1}..{top}")
+    return (low, high)
+
+
+def ip_rule(
+    family: int,
+    priority: int,
+    table: int,
+    *,
+    source: str | None = None,
+    destination: str | None = None,
+    fwmark: int | None = None,
+    fwmask: int | None = None,
+    iif: str | None = None,
+    oif: str | None = None,
+    ip_proto: int | None = None,
+    sport: tuple[int, int] | None = None,
+    dport: tuple[int, int] | None = None,
+    uid_range: tuple[int, int] | None = None,
+    origin: str = "",
+) -> IpRule:
+    """A rule (action: lookup `table`) in canonical form, equal to what the netlink driver observes.
+
+    Unset selectors are None, including the ones the kernel treats as unset:
+    a /0 source or destination, fwmark 0 with mask 0, ip_proto 0, port range
+    0-0, uid range 0-4294967295. A fwmark without a mask gets mask 0xffffffff
+    (as the kernel does); a mask without a mark means mark 0 under that mask.
+    """
+    _check_family(family)
+    if not 0 <= priority <= U32_MAX:
+        raise ValueError(f"rule priority {priority} is out of range")
+    if not 1 <= table <= U32_MAX:
+        raise ValueError(f"rule table {table} is out of range")
+    src = canonical_prefix(family, source) if source else None
+    dst = canonical_prefix(family, destination) if destination else None
+    src = None if src is not None and src.endswith("/0") else src
+    dst = None if dst is not None and dst.endswith("/0") else dst
+    mark, mask = fwmark or 0, fwmask if fwmask is not None else (U32_MAX if fwmark else 0)
+    if not (0 <= mark <= U32_MAX and 0 <= mask <= U32_MAX):
+        raise ValueError(f"fwmark {mark:#x}/{mask:#x} is out of range")
+    return IpRule(
+        family,
+        priority,
+        table,
+        source=src,
+        destination=dst,
+        fwmark=mark if (mark or mask) else None,
+        fwmask=mask if (mark or mask) else None,
+        iif=iif or None,
+        oif=oif or None,
+        ip_proto=ip_proto or None,
+        sport=_port_range("sport", sport, 0xFFFF),
+        dport=_port_range("dport", dport, 0xFFFF),
+        uid_range=_port_range("uid_range", uid_range, U32_MAX),
+        origin=origin,
+    )

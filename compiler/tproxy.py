@@ -350,8 +350,10 @@ def _service(service: Service, b: _Builder) -> None:
     l3 = _FAMILY[family][0]
     map_name = f"lb_{service.name}"
     expression, elements = backend_slots(service)
-    key_type = "jhash ip saddr mod 1" if service.algorithm == "source-hash" else "numgen random mod 1"
-    decl = f"typeof {key_type} : {l3} daddr . {service.protocol} dport; flags interval;"
+    # Both algorithms index the map with a 32-bit integer. The key is declared
+    # with numgen even for jhash because nft 1.0.6 crashes listing a
+    # `typeof jhash ...` map, and listing is how apply snapshots for rollback.
+    decl = f"typeof numgen random mod 1 : {l3} daddr . {service.protocol} dport; flags interval;"
     b.objects.append(NftSet(b.table, map_name, digest(decl), True, decl, origin))
     b.objects += [NftElement(b.table, map_name, key, value, origin) for key, value in elements]
     counter = b.counter(f"lb_{service.name}", origin)

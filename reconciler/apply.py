@@ -56,6 +56,8 @@ def apply(target: Target, desired: DesiredState, plan: Plan | None = None,
         return ApplyResult(plan, 0, time.perf_counter() - started)
     netlink_actions = plan.of_kinds(NETLINK_KINDS)
     nft_actions = plan.of_kinds(NFT_KINDS)
+    # The text snapshot is the way back if verification fails; only needed when nft changes.
+    snapshot = target.nft.snapshot(observed.nft.table) if nft_actions and observed.nft.exists else None
     operations = target.netlink.apply(netlink_actions) if netlink_actions else 0
     try:
         operations += target.nft.apply(nft_actions, desired.objects, observed.nft)
@@ -65,7 +67,7 @@ def apply(target: Target, desired: DesiredState, plan: Plan | None = None,
         raise
     residual, _ = make_plan(target, desired)
     if not residual.empty:
-        _restore(target, observed, netlink_actions)
+        _restore(target, observed, snapshot, netlink_actions)
         raise ApplyError(
             f"the kernel does not hold the desired state after applying ({len(residual.actions)} differences); "
             "the previous state was restored",
@@ -74,8 +76,9 @@ def apply(target: Target, desired: DesiredState, plan: Plan | None = None,
     return ApplyResult(plan, operations, time.perf_counter() - started)
 
 
-def _restore(target: Target, observed: ObservedState, netlink_actions: tuple[Action, ...]) -> None:
-    target.nft.restore(observed.nft)
+def _restore(target: Target, observed: ObservedState, snapshot: str | None,
+             netlink_actions: tuple[Action, ...]) -> None:
+    target.nft.restore(observed.nft.table, snapshot)
     if netlink_actions:
         target.netlink.apply(inverse(netlink_actions))
 

@@ -65,6 +65,7 @@ class NftDriver:
             self._nft = nftables.Nftables()
         self._nft.set_json_output(True)
         self._nft.set_handle_output(True)
+        self._text: nftables.Nftables | None = None
         self.operations = 0
 
     # ------------------------------------------------------------------ reading
@@ -108,22 +109,24 @@ class NftDriver:
             raise KernelError(f"nft rejected the transaction, nothing was changed: {error.strip()}")
         self.operations += len(commands)
 
-    def restore(self, observation: NftObservation) -> None:
-        """Put our table back exactly as `observation` saw it (one transaction)."""
-        current = self.tables()
-        batch: list[dict[str, Any]] = []
-        if observation.table in current:
-            batch.append({"delete": {"table": {"family": NFT_FAMILY, "name": observation.table}}})
-        if observation.snapshot is not None:
-            for item in observation.snapshot:
-                ((kind, body),) = item.items()
-                body = {k: v for k, v in body.items() if k != "handle"}
-                batch.append({"add": {kind: body}})
-        if not batch:
+    def snapshot(self, table: str) -> str | None:
+        """Our table as nft text, which `nft -f` reads back exactly (JSON cannot express every map type)."""
+        if self._text is None:
+            with entered(self.netns):
+                self._text = nftables.Nftables()
+        rc, output, _ = self._text.cmd(f"list table {NFT_FAMILY} {table}")
+        return str(output) if rc == 0 else None
+
+    def restore(self, table: str, snapshot: str | None) -> None:
+        """Put our table back exactly as `snapshot` (from `snapshot()`) had it, in one transaction."""
+        commands = [f"delete table {NFT_FAMILY} {table}"] if table in self.tables() else []
+        if snapshot:
+            commands.append(snapshot)
+        if not commands:
             return
-        rc, _, error = self._nft.json_cmd({"nftables": batch})
+        rc, _, error = self._nft.cmd("\n".join(commands) + "\n")
         if rc != 0:
-            raise KernelError(f"nft: could not restore table {observation.table}: {error}")
+            raise KernelError(f"nft: could not restore table {table}: {error.strip()}")
 
     def delete_table(self, table: str) -> int:
         if table not in self.tables():
