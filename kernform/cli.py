@@ -20,9 +20,9 @@ from compiler.errors import ApplyError, IntentError, KernformError
 from compiler.loader import LoadedIntent, load_file
 from compiler.objects import NFT_TABLE_PREFIX, count_by_kind
 from compiler.render import render
-from reconciler.apply import apply, destroy, make_plan
-from reconciler.observe import Target
-from reconciler.plan import render_text
+
+# The reconciler (pyroute2, libnftables) is imported by the commands that touch
+# the kernel only, so validate and compile stay fast and work anywhere.
 
 
 def _colour(stream: Any) -> bool:
@@ -56,6 +56,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from reconciler.apply import make_plan
+    from reconciler.observe import Target
+    from reconciler.plan import render_text
+
     loaded = _load(args.file)
     desired = compile_intent(loaded.intent, args.backend)
     with Target(args.netns) as target:
@@ -70,6 +74,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    from reconciler.apply import apply, make_plan
+    from reconciler.observe import Target
+    from reconciler.plan import render_text
+
     loaded = _load(args.file)
     desired = compile_intent(loaded.intent, args.backend)
     with Target(args.netns) as target:
@@ -88,6 +96,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_destroy(args: argparse.Namespace) -> int:
+    from reconciler.apply import destroy
+    from reconciler.observe import Target
+
     name = args.intent or _load(args.file).intent.metadata.name
     with Target(args.netns) as target:
         result = destroy(target, name)
@@ -110,6 +121,9 @@ def _counter_origin(name: str) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from reconciler.apply import make_plan
+    from reconciler.observe import Target
+
     report: list[dict[str, Any]] = []
     with Target(args.netns) as target:
         if args.file:
@@ -246,6 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kernform: apply failed: {exc}", file=sys.stderr)
         residual = getattr(exc, "residual", None)
         if residual is not None:
+            from reconciler.plan import render_text
+
             sys.stderr.write(render_text(residual))
         return 1
     except KernformError as exc:

@@ -618,3 +618,47 @@ def background(
             yield proc
         finally:
             stop(proc)
+
+
+# --------------------------------------------------------------------------- the lab's servers
+# Ports the lab's servers listen on. Backends serve the load-balanced service;
+# both uplinks serve the "internet" ports, answering with their own name; the
+# gateway runs the transparent proxy that interception hands connections to.
+BACKEND_PORT = 8080
+INTERNET_PORTS = (80, 443, 8080, 8081, 8443)
+PROXY_PORT = 15001
+
+
+@contextlib.contextmanager
+def servers(m: LabMap, *, proxy_ns: str | None = None, proxy_port: int = PROXY_PORT) -> Iterator[None]:
+    """Run every lab server for the duration of the block (real sockets, see kernform.traffic)."""
+    from . import traffic
+
+    with contextlib.ExitStack() as stack:
+        for backend in m.backends:
+            name = backend.ns.rsplit("-", 1)[-1]
+            stack.enter_context(background(backend.ns, traffic.command("serve", "--name", name, "--port",
+                                                                       str(BACKEND_PORT)), BACKEND_PORT))
+        for uplink in m.uplinks:
+            for port in INTERNET_PORTS:
+                stack.enter_context(background(uplink.ns, traffic.command("serve", "--name", f"wan-{uplink.name}",
+                                                                          "--port", str(port)), port))
+        stack.enter_context(background(proxy_ns or m.gw_ns, traffic.command("tproxy", "--port", str(proxy_port),
+                                                                            "--name", "proxy"), proxy_port))
+        yield
+
+
+def client_get(m: LabMap, host: str, port: int, *, count: int = 1, proto: str = "tcp", timeout: float = 2.0,
+               ns: str | None = None, uid: int | None = None) -> list[dict[str, Any]]:
+    """Requests from the client namespace (or `ns`), optionally as another uid; one reply or error per request."""
+    from . import traffic
+
+    argv = traffic.command("get", host, str(port), "--proto", proto, "--timeout", str(timeout), "--count", str(count))
+    if uid is not None:
+        argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv]
+    result = run_in(ns or m.client_ns, argv, check=False, timeout=timeout * count + 30)
+    replies = []
+    for line in result.stdout.splitlines():
+        with contextlib.suppress(ValueError):
+            replies.append(json.loads(line))
+    return replies
