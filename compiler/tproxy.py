@@ -196,7 +196,7 @@ def _interception(intent: NetworkIntent, b: _Builder, routing: list[KernelObject
                 family,
                 section.routing_table,
                 default,
-                0,
+                route_metric(family, 0),
                 "local",
                 (Nexthop(None, "lo", 1),),
                 origin="interception (local delivery)",
@@ -460,6 +460,14 @@ def route_destination(route: Route) -> tuple[int, str]:
     return network.version, network.with_prefixlen
 
 
+# The kernel stores IPv6 routes given metric 0 with metric 1024; write what it will report.
+IP6_DEFAULT_METRIC = 1024
+
+
+def route_metric(family: int, metric: int) -> int:
+    return IP6_DEFAULT_METRIC if family == 6 and metric == 0 else metric
+
+
 def canonical_nexthops(hops: Iterable[Nexthop]) -> tuple[Nexthop, ...]:
     return tuple(sorted(hops, key=lambda h: (h.gateway or "", h.dev or "")))
 
@@ -482,7 +490,7 @@ def _routing(intent: NetworkIntent) -> list[KernelObject]:
                     family,
                     table.id,
                     destination,
-                    route.metric,
+                    route_metric(family, route.metric),
                     route.type,
                     hops,
                     origin=f"routing.tables/{table.name}",

@@ -637,8 +637,9 @@ def servers(m: LabMap, *, proxy_ns: str | None = None, proxy_port: int = PROXY_P
     with contextlib.ExitStack() as stack:
         for backend in m.backends:
             name = backend.ns.rsplit("-", 1)[-1]
-            stack.enter_context(background(backend.ns, traffic.command("serve", "--name", name, "--port",
-                                                                       str(BACKEND_PORT)), BACKEND_PORT))
+            for proto in ("tcp", "udp"):
+                argv = traffic.command("serve", "--name", name, "--port", str(BACKEND_PORT), "--proto", proto)
+                stack.enter_context(background(backend.ns, argv, BACKEND_PORT, proto=proto))
         for uplink in m.uplinks:
             for port in INTERNET_PORTS:
                 stack.enter_context(background(uplink.ns, traffic.command("serve", "--name", f"wan-{uplink.name}",
