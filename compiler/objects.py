@@ -12,7 +12,7 @@ import hashlib
 import ipaddress
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Union
+from typing import ClassVar
 
 # kernform's own routing protocol number (see /etc/iproute2/rt_protos): the
 # kernel stores it on every ip rule and route we create, and it is how a fresh
@@ -258,7 +258,7 @@ class IpRule:
 
 _PROTO_NAMES = {6: "tcp", 17: "udp"}
 
-KernelObject = Union[NftTable, NftCounter, NftSet, NftElement, NftChain, NftRule, IpRoute, IpRule]
+KernelObject = NftTable | NftCounter | NftSet | NftElement | NftChain | NftRule | IpRoute | IpRule
 
 # Creation order; removal runs backwards. Rules come after the sets and
 # counters they reference; ip rules after the routes they select.

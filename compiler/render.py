@@ -66,9 +66,7 @@ def render_nft(desired: DesiredState, max_elements: int = MAX_ELEMENTS_SHOWN) ->
 def render_routing(desired: DesiredState) -> str:
     lines = []
     for obj in desired.objects:
-        if isinstance(obj, IpRoute):
-            lines.append(f"ip -{obj.family} {obj.describe()} proto {RTPROT_KERNFORM}   # {obj.origin}")
-        elif isinstance(obj, IpRule):
+        if isinstance(obj, (IpRoute, IpRule)):
             lines.append(f"ip -{obj.family} {obj.describe()} proto {RTPROT_KERNFORM}   # {obj.origin}")
     return "\n".join(lines) + ("\n" if lines else "")
 

@@ -222,23 +222,21 @@ def _interception_rule(rule: InterceptionRule, b: _Builder, set_mark: str, match
     xsrc = split_by_family(rule.exclude.sources)
     for family in _families_for([dst, src]):
         l3 = _FAMILY[family][0]
+        # The sets are shared by the rule's tcp and udp variants.
+        matches: list[str] = []
+        sets: list[str] = []
+        for kind, by_family, field_, negate in (
+            ("src", src, "saddr", False),
+            ("dst", dst, "daddr", False),
+            ("xsrc", xsrc, "saddr", True),
+            ("xdst", xdst, "daddr", True),
+        ):
+            if family in by_family:
+                set_name = f"ic_{rule.name}_{kind}{family}"
+                ref = b.cidr_set(set_name, family, by_family[family], origin)
+                matches.append(f"{l3} {field_} {'!= ' if negate else ''}{ref}")
+                sets.append(set_name)
         for proto in rule.protocols:
-            matches: list[str] = []
-            sets: list[str] = []
-
-            def use_set(
-                kind: str, by_family: dict[int, list[str]], field_: str, negate: bool = False
-            ) -> None:
-                if family in by_family:
-                    set_name = f"ic_{rule.name}_{kind}{family}"
-                    ref = b.cidr_set(set_name, family, by_family[family], origin)
-                    matches.append(f"{l3} {field_} {'!= ' if negate else ''}{ref}")
-                    sets.append(set_name)
-
-            use_set("src", src, "saddr")
-            use_set("dst", dst, "daddr")
-            use_set("xsrc", xsrc, "saddr", negate=True)
-            use_set("xdst", xdst, "daddr", negate=True)
             port_match = f"meta l4proto {proto}"
             if rule.ports:
                 port_match += f" th dport {port_set(rule.ports)}"

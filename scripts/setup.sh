@@ -10,7 +10,7 @@ export DEBIAN_FRONTEND=noninteractive
 APT_PACKAGES=(
   iproute2 nftables python3-nftables iptables bpftool
   python3-bpfcc libbpfcc bpfcc-tools libbpf1 linux-headers-amd64
-  haproxy nginx-light wrk iperf3 socat curl python3-venv
+  haproxy nginx-light wrk iperf3 socat curl python3-venv util-linux procps
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -51,9 +51,6 @@ if [[ ! -x .venv/bin/python ]]; then
   python3 -m venv .venv
 fi
 site="$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-cat > "$site/kernform-debian.pth" <<'PTH'
-import sys; sys.path.append('/work/.debian-modules') if False else None
-PTH
 mkdir -p .venv/debian-modules
 for mod in bcc nftables; do
   ln -sfn "/usr/lib/python3/dist-packages/$mod" ".venv/debian-modules/$mod"
