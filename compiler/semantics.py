@@ -139,9 +139,15 @@ def _check_route(route: Route, here: Path) -> Iterator[Finding]:
     for where, via in gateways:
         if via is not None and ipaddress.ip_address(via).version != dest_family:
             yield where, f"next hop {via} is not IPv{dest_family} like the destination {route.to}"
+    # The kernel always reports the interface a next hop leaves through, so it
+    # must be written down to be comparable (and reviewers see it in plans).
+    if route.type == "unicast" and route.via and not route.dev:
+        yield (*here, "via"), f"next hop {route.via} needs 'dev': the interface it is reached through"
     for i, nh in enumerate(route.nexthops):
-        if not (nh.via or nh.dev):
-            yield (*here, "nexthops", i), "a next hop needs 'via' or 'dev'"
+        if not nh.dev:
+            yield (*here, "nexthops", i), "a next hop needs 'dev': the interface it is reached through"
+        if dest_family == 6 and len(route.nexthops) > 1 and not nh.via:
+            yield (*here, "nexthops", i), "IPv6 multipath next hops need 'via' (the kernel merges only gateway routes)"
 
 
 def _check_routing(intent: NetworkIntent) -> Iterator[Finding]:

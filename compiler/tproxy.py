@@ -38,6 +38,8 @@ from .objects import (
     NftSet,
     NftTable,
     digest,
+    ip_route,
+    ip_rule,
     nft_table_name,
 )
 
@@ -191,27 +193,10 @@ def _interception(intent: NetworkIntent, b: _Builder, routing: list[KernelObject
         _interception_rule(rule, b, set_mark, match_mark)
     for family in (4, 6):
         default = "0.0.0.0/0" if family == 4 else "::/0"
-        routing.append(
-            IpRoute(
-                family,
-                section.routing_table,
-                default,
-                route_metric(family, 0),
-                "local",
-                (Nexthop(None, "lo", 1),),
-                origin="interception (local delivery)",
-            )
-        )
-        routing.append(
-            IpRule(
-                family,
-                section.rule_priority,
-                section.routing_table,
-                fwmark=mark,
-                fwmask=mask,
-                origin="interception (marked packets to the proxy)",
-            )
-        )
+        routing.append(ip_route(family, section.routing_table, default, type="local",
+                                nexthops=(Nexthop(None, "lo", 1),), origin="interception (local delivery)"))
+        routing.append(ip_rule(family, section.rule_priority, section.routing_table, fwmark=mark, fwmask=mask,
+                               origin="interception (marked packets to the proxy)"))
 
 
 def _interception_rule(rule: InterceptionRule, b: _Builder, set_mark: str, match_mark: str) -> None:
@@ -458,18 +443,6 @@ def route_destination(route: Route) -> tuple[int, str]:
     return network.version, network.with_prefixlen
 
 
-# The kernel stores IPv6 routes given metric 0 with metric 1024; write what it will report.
-IP6_DEFAULT_METRIC = 1024
-
-
-def route_metric(family: int, metric: int) -> int:
-    return IP6_DEFAULT_METRIC if family == 6 and metric == 0 else metric
-
-
-def canonical_nexthops(hops: Iterable[Nexthop]) -> tuple[Nexthop, ...]:
-    return tuple(sorted(hops, key=lambda h: (h.gateway or "", h.dev or "")))
-
-
 def _routing(intent: NetworkIntent) -> list[KernelObject]:
     routing = intent.spec.routing
     result: list[KernelObject] = []
@@ -478,22 +451,13 @@ def _routing(intent: NetworkIntent) -> list[KernelObject]:
         for route in table.routes:
             family, destination = route_destination(route)
             if route.nexthops:
-                hops = canonical_nexthops(Nexthop(h.via, h.dev, h.weight) for h in route.nexthops)
+                hops = tuple(Nexthop(h.via, h.dev, h.weight) for h in route.nexthops)
             elif route.via or route.dev:
                 hops = (Nexthop(route.via, route.dev, 1),)
             else:
                 hops = ()
-            result.append(
-                IpRoute(
-                    family,
-                    table.id,
-                    destination,
-                    route_metric(family, route.metric),
-                    route.type,
-                    hops,
-                    origin=f"routing.tables/{table.name}",
-                )
-            )
+            result.append(ip_route(family, table.id, destination, metric=route.metric, type=route.type,
+                                   nexthops=hops, origin=f"routing.tables/{table.name}"))
     for rule in routing.rules:
         result += _policy_rule(rule, table_ids[rule.table])
     return result
@@ -512,7 +476,7 @@ def _policy_rule(rule: PolicyRule, table_id: int) -> list[IpRule]:
         low, _, high = rule.uid_range.partition("-")
         uid = (int(low), int(high))
     return [
-        IpRule(
+        ip_rule(
             family,
             rule.priority,
             table_id,
