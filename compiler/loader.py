@@ -95,7 +95,7 @@ class _FastLoader(yaml.CSafeLoader if hasattr(yaml, "CSafeLoader") else yaml.Saf
         keys = [self.construct_object(key_node, deep=deep) for key_node, _ in node.value]
         if len(set(map(str, keys))) != len(keys):
             raise yaml.constructor.ConstructorError(None, None, "duplicate key", node.start_mark)
-        return super().construct_mapping(node, deep=deep)  # type: ignore[no-any-return]
+        return super().construct_mapping(node, deep=deep)
 
 
 def _fast_document(text: str) -> Any:

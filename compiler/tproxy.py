@@ -61,8 +61,9 @@ CHAINS: dict[str, tuple[str, str, int]] = {
 _FAMILY = {4: ("ip", "ipv4_addr", "ipv4"), 6: ("ip6", "ipv6_addr", "ipv6")}
 
 
-def parse_mark(text: str) -> tuple[int, int]:
-    value, _, mask = text.partition("/")
+def parse_mark(text: int | str) -> tuple[int, int]:
+    """A canonical mark ("0xVALUE/0xMASK", see intent._check_mark) as (value, mask)."""
+    value, _, mask = str(text).partition("/")
     return int(value, 0), int(mask, 0) if mask else 0xFFFFFFFF
 
 
@@ -71,7 +72,7 @@ def split_by_family(cidrs: Iterable[str]) -> dict[int, list[str]]:
     networks: dict[int, list[ipaddress.IPv4Network | ipaddress.IPv6Network]] = {4: [], 6: []}
     for text in cidrs:
         network = ipaddress.ip_network(text)
-        networks[network.version].append(network)  # type: ignore[arg-type]
+        networks[network.version].append(network)
     return {
         version: [element_text(n) for n in ipaddress.collapse_addresses(nets)]  # type: ignore[type-var]
         for version, nets in networks.items()
@@ -473,7 +474,7 @@ def _policy_rule(rule: PolicyRule, table_id: int) -> list[IpRule]:
     fwmark, fwmask = parse_mark(rule.fwmark) if rule.fwmark else (None, None)
     uid = None
     if rule.uid_range:
-        low, _, high = rule.uid_range.partition("-")
+        low, _, high = str(rule.uid_range).partition("-")
         uid = (int(low), int(high))
     return [
         ip_rule(

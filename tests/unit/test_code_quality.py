@@ -36,3 +36,9 @@ def test_compiler_never_imports_the_reconciler_or_kernel_libraries(package: str)
 def test_reconciler_never_imports_the_cli() -> None:
     for path in (ROOT / "reconciler").rglob("*.py"):
         assert "from kernform" not in path.read_text() and "import kernform" not in path.read_text(), path
+
+
+def test_mypy_is_clean() -> None:
+    result = subprocess.run([sys.executable, "-m", "mypy", "compiler", "reconciler", "kernform"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
