@@ -1,0 +1,223 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * kf_types.h - key and value layouts of every kernform BPF map.
+ *
+ * Owns: the structs and constants that the Python compiler writes into
+ * maps and the reconciler reads back. bpf/README.md documents the same
+ * layouts for the Python side; change both together. Sizes are fixed with
+ * explicit padding (see kf_common.h for byte-order conventions: addresses
+ * network-order bytes, everything else host order).
+ */
+#ifndef KF_TYPES_H
+#define KF_TYPES_H
+
+#include "kf_common.h"
+
+/* ---- LPM trie keys and rule bitmaps (tc_filter, sk_lookup, connect) ---- */
+
+/*
+ * LPM trie key. prefixlen counts bits of addr; lookups use 32 / 128.
+ */
+struct kf_lpm_v4 {
+	__u32 prefixlen;
+	__u8 addr[4];
+};
+
+struct kf_lpm_v6 {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+/*
+ * Value of every LPM trie: the set of rule indexes whose address list
+ * matches. Bit i (w[i / 64] >> (i % 64) & 1) stands for rule descriptor i.
+ *
+ * An LPM lookup returns only the LONGEST matching prefix, so the compiler
+ * must store, for every prefix P it inserts, the OR of the bits of every
+ * rule that lists P or any prefix covering P (same family, shorter or
+ * equal length, containing P). A rule matching any address lists 0.0.0.0/0
+ * and ::/0; a rule with no address of a family never matches that family.
+ */
+struct kf_rule_set {
+	__u64 w[KF_BITMAP_WORDS];
+};
+
+/* ---- tc_filter -------------------------------------------------------- */
+
+/* kf_rule.action */
+#define KF_ACT_NONE 0       /* empty slot: never matches */
+#define KF_ACT_ALLOW 1
+#define KF_ACT_DENY 2
+#define KF_ACT_RATE_LIMIT 3 /* allow within the token bucket, drop above */
+
+/* kf_rule.flags */
+#define KF_RULE_INGRESS (1U << 0) /* match in the ingress program */
+#define KF_RULE_EGRESS (1U << 1)  /* match in the egress program */
+#define KF_RULE_RL_BYTES (1U << 2) /* rate/burst count bytes, not packets */
+#define KF_RULE_RL_SHARED (1U << 3) /* one bucket per rule, not per source */
+
+/*
+ * Array `rules`, index = rule descriptor (= bit in kf_rule_set), ordered:
+ * the lowest matching index wins. Ports apply to TCP, UDP, UDP-Lite and
+ * SCTP; a descriptor with dport_lo=0, dport_hi=65535 ignores ports (and
+ * matches other protocols and non-first fragments); any narrower range
+ * only matches packets that carry ports.
+ */
+struct kf_rule {
+	__u32 flags;    /* KF_RULE_* */
+	__u8 proto;     /* IP protocol number, 0 = any */
+	__u8 action;    /* KF_ACT_* */
+	__u16 counter;  /* index into `counters` and the rate-limit bucket */
+	__u16 dport_lo; /* inclusive, host order */
+	__u16 dport_hi; /* inclusive, host order */
+	__u32 rate;     /* KF_ACT_RATE_LIMIT: tokens per second */
+	__u32 burst;    /* KF_ACT_RATE_LIMIT: bucket size in tokens */
+	__u32 pad;
+};
+
+/* Per-CPU array `counters`: index = kf_rule.counter; index KF_MAX_RULES
+ * counts packets that matched no rule (default action). */
+struct kf_counter {
+	__u64 packets; /* matched */
+	__u64 bytes;   /* matched, skb->len */
+	__u64 dropped; /* matched and dropped (DENY, or over rate) */
+};
+
+/* LRU hash `ratelimit`: token bucket per (counter, source address). */
+struct kf_rl_key {
+	__u32 rule;   /* kf_rule.counter */
+	__u8 family;  /* 4 or 6; 0 with KF_RULE_RL_SHARED */
+	__u8 pad[3];
+	__u8 addr[16]; /* packet source; IPv4 in addr[0..3]; zero if shared */
+};
+
+struct kf_rl_bucket {
+	__u64 tokens;  /* in nanotokens: tokens * 1e9 */
+	__u64 last_ns; /* bpf_ktime_get_ns() of the last refill */
+};
+
+/* Array `config` (one entry, key 0). */
+struct kf_filter_config {
+	__u8 default_action; /* KF_ACT_ALLOW (also when 0) or KF_ACT_DENY */
+	__u8 pad[7];
+};
+
+/* ---- interception (sk_lookup inbound, connect outbound) --------------- */
+
+/* kf_intercept_rule.action */
+#define KF_ICPT_NONE 0     /* empty slot: never matches */
+#define KF_ICPT_REDIRECT 1 /* send to the proxy */
+#define KF_ICPT_BYPASS 2   /* leave alone (an ordered exception) */
+
+/*
+ * Array `intercept_rules`: ordered descriptors, the lowest matching index
+ * of the destination bitmap wins. sk_lookup uses proxy_slot (index into
+ * the `proxy_socks` sockmap); the connect programs use proxy_port.
+ */
+struct kf_intercept_rule {
+	__u8 action;     /* KF_ICPT_* */
+	__u8 proto;      /* IPPROTO_TCP / IPPROTO_UDP, 0 = any */
+	__u16 port_lo;   /* destination port range, inclusive, host order */
+	__u16 port_hi;
+	__u16 proxy_port;  /* connect: proxy port on 127.0.0.1 / ::1 */
+	__u32 proxy_slot;  /* sk_lookup: key in proxy_socks */
+	__u32 counter;     /* index into intercept_counters */
+};
+
+/* Per-CPU array `intercept_counters`, index = kf_intercept_rule.counter. */
+struct kf_intercept_counter {
+	__u64 redirected; /* steered to the proxy */
+	__u64 bypassed;   /* matched a BYPASS rule or an excluded uid/gid */
+	__u64 no_proxy;   /* REDIRECT matched but no proxy socket / assign failed */
+};
+
+/*
+ * Original destination of an intercepted outbound connection.
+ * `orig_dst` (LRU hash): key = socket cookie (u64) of the client socket,
+ * written by connect4/connect6. `orig_dst_tuple` (LRU hash): key =
+ * kf_tuple_key of the established client socket, written by the sock_ops
+ * program, read by the getsockopt program on the proxy's accepted socket.
+ */
+struct kf_orig_dst {
+	__u8 family;   /* KF_AF_INET / KF_AF_INET6 */
+	__u8 proto;
+	__u16 port;    /* host order */
+	__u8 addr[16]; /* IPv4 in addr[0..3] */
+};
+
+struct kf_tuple_key {
+	__u8 family;      /* KF_AF_INET / KF_AF_INET6 */
+	__u8 pad;
+	__u16 client_port; /* host order */
+	__u16 proxy_port;  /* host order */
+	__u16 pad2;
+	__u8 client_addr[16]; /* IPv4 in [0..3] */
+	__u8 proxy_addr[16];
+};
+
+/* ---- socket-level load balancing (connect4/6, sendmsg4/6) ------------- */
+
+/* kf_service.algorithm */
+#define KF_LB_RANDOM 0   /* weighted random: random Maglev slot */
+#define KF_LB_AFFINITY 1 /* client affinity: hashed Maglev slot */
+
+struct kf_svc_key_v4 {
+	__u8 vip[4];
+	__u16 port;   /* host order */
+	__u8 proto;   /* IPPROTO_TCP / IPPROTO_UDP */
+	__u8 pad;
+};
+
+struct kf_svc_key_v6 {
+	__u8 vip[16];
+	__u16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+/*
+ * Value of services_v4 / services_v6. The service's Maglev table is
+ * maglev[id * KF_MAGLEV_SIZE .. id * KF_MAGLEV_SIZE + KF_MAGLEV_SIZE - 1],
+ * each entry an index into backends_v4 (v4 VIP) or backends_v6 (v6 VIP).
+ */
+struct kf_service {
+	__u32 id;            /* < KF_MAX_SERVICES */
+	__u16 backend_count; /* 0: connect fails with EPERM */
+	__u8 algorithm;      /* KF_LB_* */
+	__u8 flags;
+};
+
+struct kf_backend_v4 {
+	__u8 addr[4];
+	__u16 port; /* host order */
+	__u16 pad;
+};
+
+struct kf_backend_v6 {
+	__u8 addr[16];
+	__u16 port;
+	__u16 pad;
+};
+
+/*
+ * LRU hash `rev_nat`: for unconnected UDP (sendmsg), the reply from a
+ * backend is rewritten back to the VIP by recvmsg4/6.
+ */
+struct kf_rev_nat_key {
+	__u64 cookie;   /* socket cookie of the client socket */
+	__u8 family;
+	__u8 pad;
+	__u16 port;     /* backend port, host order */
+	__u32 pad2;
+	__u8 addr[16];  /* backend address */
+};
+
+struct kf_rev_nat_value {
+	__u8 family;
+	__u8 pad;
+	__u16 port;     /* VIP port, host order */
+	__u32 pad2;
+	__u8 addr[16];  /* VIP */
+};
+
+#endif /* KF_TYPES_H */
