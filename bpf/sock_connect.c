@@ -55,7 +55,7 @@
  * Maps (layouts in lib/kf_types.h, documented in bpf/README.md):
  *   services_v4      hash      kf_svc_key_v4 -> kf_service     [KF_MAX_SERVICES]
  *   services_v6      hash      kf_svc_key_v6 -> kf_service     [KF_MAX_SERVICES]
- *   maglev           array     id * KF_MAGLEV_SIZE + slot -> u32 backend index
+ *   maglev           array     id * KF_MAGLEV_SIZE + slot -> u32 backend index + 1 (0: empty)
  *                                              [KF_MAX_SERVICES * KF_MAGLEV_SIZE]
  *   backends_v4      array     u32 -> kf_backend_v4            [KF_MAX_BACKENDS]
  *   backends_v6      array     u32 -> kf_backend_v6            [KF_MAX_BACKENDS]
@@ -355,9 +355,10 @@ KF_ALWAYS_INLINE int kf_pick_backend(struct bpf_sock_addr *ctx, int is6, struct 
 		slot = bpf_get_prandom_u32() % KF_MAGLEV_SIZE;
 	idx = svc->id * KF_MAGLEV_SIZE + slot;
 	bidx = maglev.lookup(&idx);
-	if (!bidx)
+	/* Slots hold backend index + 1, so an all-zero slot is an empty one. */
+	if (!bidx || *bidx == 0)
 		return -1;
-	idx = *bidx;
+	idx = *bidx - 1;
 
 	if (d->family == 4) {
 		struct kf_backend_v4 *b = backends_v4.lookup(&idx);

@@ -258,7 +258,62 @@ class IpRule:
 
 _PROTO_NAMES = {6: "tcp", 17: "udp"}
 
-KernelObject = NftTable | NftCounter | NftSet | NftElement | NftChain | NftRule | IpRoute | IpRule
+@dataclass(frozen=True)
+class BpfProgram:
+    """One BPF object file compiled with its settings, its functions attached at their points.
+
+    `name` is the attachment's identity within the intent and its pin directory
+    (/sys/fs/bpf/kernform/<intent>/<name>/). `attachments` pairs each function
+    with where it is attached: "tc:<ifname>:ingress", "tc:<ifname>:egress",
+    "netns:sk_lookup", or "cgroup:<path below the cgroup2 mount>:<attach type>"
+    (connect4, connect6, sendmsg4, sendmsg6, recvmsg4, recvmsg6, sock_ops,
+    getsockopt). `digest` covers the sources, the settings and the attachments:
+    a program whose digest is unchanged is never compiled or reloaded again.
+    """
+
+    kind: ClassVar[str] = "bpf.program"
+    name: str
+    source: str
+    attachments: tuple[tuple[str, str], ...]
+    cflags: tuple[str, ...]
+    digest: str
+    origin: str = field(default="", compare=False)
+
+    @property
+    def key(self) -> ObjectKey:
+        return ObjectKey(self.kind, self.name)
+
+    def describe(self) -> str:
+        points = ", ".join(f"{fn} at {point}" for fn, point in self.attachments)
+        return f"program {self.name} ({self.source}: {points}) [{self.digest}]"
+
+
+@dataclass(frozen=True)
+class BpfMapEntry:
+    """One entry of a configuration map of a program (counters and runtime state are not entries).
+
+    Keys and values are the exact bytes the kernel holds, as hex. For array
+    maps an all-zero value means "no entry": it is never desired and never observed.
+    `label` is readable text (compiler.bpf_layout decodes it from the bytes).
+    """
+
+    kind: ClassVar[str] = "bpf.entry"
+    program: str
+    map: str
+    key_hex: str
+    value_hex: str
+    label: str = field(default="", compare=False)
+    origin: str = field(default="", compare=False)
+
+    @property
+    def key(self) -> ObjectKey:
+        return ObjectKey(self.kind, f"{self.program}/{self.map} {self.key_hex}")
+
+    def describe(self) -> str:
+        return f"map {self.program}/{self.map} {self.label or self.key_hex + ' -> ' + self.value_hex}"
+
+
+KernelObject = NftTable | NftCounter | NftSet | NftElement | NftChain | NftRule | IpRoute | IpRule | BpfProgram | BpfMapEntry
 
 # Creation order; removal runs backwards. Rules come after the sets and
 # counters they reference; ip rules after the routes they select.
@@ -271,9 +326,13 @@ KIND_ORDER: tuple[str, ...] = (
     NftRule.kind,
     IpRoute.kind,
     IpRule.kind,
+    BpfProgram.kind,
+    BpfMapEntry.kind,
 )
 NFT_KINDS = frozenset(k for k in KIND_ORDER if k.startswith("nft."))
 NETLINK_KINDS = frozenset(k for k in KIND_ORDER if k.startswith("ip."))
+BPF_KINDS = frozenset(k for k in KIND_ORDER if k.startswith("bpf."))
+BPF_PIN_ROOT = "/sys/fs/bpf/kernform"
 
 
 @dataclass(frozen=True)
@@ -318,9 +377,10 @@ def count_by_kind(objects: Iterable[KernelObject]) -> Mapping[str, int]:
 # for objects the kernel cannot hold or would report differently (the compiler
 # turns that into an IntentError at the offending line).
 
-ROUTE_TYPES: tuple[str, ...] = ("unicast", "local", "blackhole", "unreachable", "prohibit")
-# Types that drop the packet: no next hop at all (IPv6 reports `dev lo` for them; it is noise).
-REJECT_ROUTE_TYPES = frozenset({"blackhole", "unreachable", "prohibit"})
+ROUTE_TYPES: tuple[str, ...] = ("unicast", "local", "blackhole", "unreachable", "prohibit", "throw")
+# Types with no next hop at all (IPv6 reports `dev lo` for them; it is noise). `throw` ends the
+# lookup in this table so the next rule is tried.
+REJECT_ROUTE_TYPES = frozenset({"blackhole", "unreachable", "prohibit", "throw"})
 # IPv6 has no metric 0: the kernel stores a route asked with metric 0 as 1024 (IP6_RT_PRIO_USER).
 IPV6_DEFAULT_METRIC = 1024
 U32_MAX = 0xFFFFFFFF

@@ -53,7 +53,7 @@ def add_service(bpf: Any, kf: Any, vip: str, port: int, svc_id: int, backends: l
     services[key] = leaf
     maglev = bpf[b"maglev"]
     for slot in range(MAGLEV_SIZE):
-        maglev[maglev.Key(svc_id * MAGLEV_SIZE + slot)] = maglev.Leaf(backends[slot % len(backends)])
+        maglev[maglev.Key(svc_id * MAGLEV_SIZE + slot)] = maglev.Leaf(backends[slot % len(backends)] + 1)
 
 
 def set_backend(bpf: Any, kf: Any, idx: int, addr: str, port: int) -> None:
@@ -203,7 +203,7 @@ def test_sendmsg4_balances_datagrams_and_recvmsg4_restores_the_vip(
         services[key] = leaf
         maglev = bpf[b"maglev"]
         for slot in range(MAGLEV_SIZE):
-            maglev[maglev.Key(2 * MAGLEV_SIZE + slot)] = maglev.Leaf(0)
+            maglev[maglev.Key(2 * MAGLEV_SIZE + slot)] = maglev.Leaf(1)
         attached(bpf, "kf_sendmsg4", "CGROUP_SOCK_ADDR", "CGROUP_UDP4_SENDMSG")
         attached(bpf, "kf_recvmsg4", "CGROUP_SOCK_ADDR", "CGROUP_UDP4_RECVMSG")
 
@@ -237,7 +237,7 @@ def test_connect6_balances_v6_vip(kf: Any, netns: Any, cgroup: Any, attached: An
         services[key] = svc
         maglev = bpf[b"maglev"]
         for slot in range(MAGLEV_SIZE):
-            maglev[maglev.Key(3 * MAGLEV_SIZE + slot)] = maglev.Leaf(0)
+            maglev[maglev.Key(3 * MAGLEV_SIZE + slot)] = maglev.Leaf(1)
         attached(bpf, "kf_connect6", "CGROUP_SOCK_ADDR", "CGROUP_INET6_CONNECT")
 
         def connect6(send: Callable[[Any], None]) -> None:
