@@ -1,0 +1,119 @@
+"""Byte layouts of kernform's BPF maps, in Python: encode for the compiler, decode for people.
+
+The C side is bpf/lib/kf_types.h (documented in bpf/README.md); this module
+mirrors it with `struct` formats. Conventions from the C side: addresses are
+network-order bytes, every other integer is host order (little-endian on the
+machines kernform supports), structs are explicitly padded.
+
+CONFIG_MAPS names, per source file, the maps that hold configuration: the
+compiler writes them and the reconciler reads them back to diff. Every other
+map (per-CPU counters, LRU runtime state, scratch space) is the data path's own.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+
+# kf_rule.action / flags (tc_filter)
+ACT_ALLOW, ACT_DENY, ACT_RATE_LIMIT = 1, 2, 3
+RULE_INGRESS, RULE_EGRESS = 1 << 0, 1 << 1
+# kf_intercept_rule.action
+ICPT_REDIRECT, ICPT_BYPASS = 1, 2
+# kf_service.algorithm
+LB_RANDOM, LB_AFFINITY = 0, 1
+
+CONFIG_MAPS: dict[str, tuple[str, ...]] = {
+    "tc_filter.c": ("src_v4", "dst_v4", "src_v6", "dst_v6", "rules", "config"),
+    "sk_lookup.c": ("intercept_v4", "intercept_v6", "intercept_rules", "proxy_socks"),
+    "sock_connect.c": (
+        "services_v4", "services_v6", "maglev", "backends_v4", "backends_v6",
+        "intercept_v4", "intercept_v6", "intercept_rules", "exclude_uid", "exclude_gid",
+    ),
+}
+ARRAY_MAPS = frozenset({"rules", "config", "intercept_rules", "maglev", "backends_v4", "backends_v6"})
+
+U32 = struct.Struct("<I")
+LPM_V4 = struct.Struct("<I4s")
+LPM_V6 = struct.Struct("<I16s")
+RULE = struct.Struct("<IBBHHHIII")  # flags proto action counter dport_lo dport_hi rate burst pad
+FILTER_CONFIG = struct.Struct("<B7x")
+INTERCEPT_RULE = struct.Struct("<BBHHHII")  # action proto port_lo port_hi proxy_port proxy_slot counter
+SVC_KEY_V4 = struct.Struct("<4sHBx")
+SVC_KEY_V6 = struct.Struct("<16sHBx")
+SERVICE = struct.Struct("<IHBB")  # id backend_count algorithm flags
+BACKEND_V4 = struct.Struct("<4sHxx")
+BACKEND_V6 = struct.Struct("<16sHxx")
+EXCLUDE = struct.Struct("<B")
+# proxy_socks: the desired value names the listener, the driver puts its socket there.
+PROXY_SOCKET = struct.Struct("<HBx")  # port protocol
+
+_PROTO = {0: "any", 1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp"}
+
+
+def lpm_key(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bytes:
+    layout = LPM_V4 if network.version == 4 else LPM_V6
+    return layout.pack(network.prefixlen, network.network_address.packed)
+
+
+def bitmap(bits: int, words: int) -> bytes:
+    return bits.to_bytes(8 * words, "little")
+
+
+def rule_bits(value: bytes) -> list[int]:
+    number = int.from_bytes(value, "little")
+    return [i for i in range(len(value) * 8) if number >> i & 1]
+
+
+def _network(key: bytes) -> str:
+    prefixlen = U32.unpack_from(key)[0]
+    address = ipaddress.ip_address(key[4:])
+    return str(ipaddress.ip_network(f"{address}/{prefixlen}", strict=False))
+
+
+def _ports(low: int, high: int) -> str:
+    if (low, high) == (0, 65535):
+        return "any port"
+    return f"port {low}" if low == high else f"ports {low}-{high}"
+
+
+def label(source: str, map_name: str, key: bytes, value: bytes) -> str:
+    """Readable `key -> value` of one entry, for plans and status."""
+    try:
+        return _label(map_name, key, value)
+    except (struct.error, ValueError):
+        return f"{key.hex()} -> {value.hex()}"
+
+
+def _label(map_name: str, key: bytes, value: bytes) -> str:
+    if map_name in ("src_v4", "dst_v4", "src_v6", "dst_v6", "intercept_v4", "intercept_v6"):
+        return f"{_network(key)} -> rules {rule_bits(value)}"
+    index = U32.unpack(key)[0] if len(key) == 4 else None
+    if map_name == "rules":
+        flags, proto, action, counter, low, high, rate, burst, _ = RULE.unpack(value)
+        direction = "+".join(d for d, f in (("ingress", RULE_INGRESS), ("egress", RULE_EGRESS)) if flags & f)
+        verb = {ACT_ALLOW: "allow", ACT_DENY: "deny", ACT_RATE_LIMIT: f"rate-limit {rate}/s burst {burst}"}.get(action, "?")
+        return f"[{index}] {direction} {_PROTO.get(proto, proto)} {_ports(low, high)} {verb} (counter {counter})"
+    if map_name == "config":
+        return f"default {'deny' if FILTER_CONFIG.unpack(value)[0] == ACT_DENY else 'allow'}"
+    if map_name == "intercept_rules":
+        action, proto, low, high, proxy_port, slot, counter = INTERCEPT_RULE.unpack(value)
+        verb = f"redirect to :{proxy_port} (slot {slot})" if action == ICPT_REDIRECT else "bypass"
+        return f"[{index}] {_PROTO.get(proto, proto)} {_ports(low, high)} {verb} (counter {counter})"
+    if map_name == "proxy_socks":
+        port, proto = PROXY_SOCKET.unpack(value)
+        return f"slot {index} -> the {_PROTO.get(proto, proto)} listener on port {port}"
+    if map_name in ("services_v4", "services_v6"):
+        layout = SVC_KEY_V4 if map_name.endswith("v4") else SVC_KEY_V6
+        vip, port, proto = layout.unpack(key)
+        svc_id, count, algorithm, _ = SERVICE.unpack(value)
+        algo = "source affinity" if algorithm == LB_AFFINITY else "weighted random"
+        return f"{ipaddress.ip_address(vip)}:{port}/{_PROTO.get(proto, proto)} -> service {svc_id}, {count} backends, {algo}"
+    if map_name in ("backends_v4", "backends_v6"):
+        addr, port = (BACKEND_V4 if map_name.endswith("v4") else BACKEND_V6).unpack(value)
+        return f"[{index}] {ipaddress.ip_address(addr)}:{port}"
+    if map_name == "maglev":
+        return f"[{index}] -> backend {U32.unpack(value)[0] - 1}"
+    if map_name in ("exclude_uid", "exclude_gid"):
+        return f"{map_name[8:]} {index} excluded"
+    return f"{key.hex()} -> {value.hex()}"
