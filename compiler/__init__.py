@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from .errors import KernformError
+from .errors import BackendUnavailable
 from .intent import NetworkIntent
 from .objects import DesiredState
 
 BACKENDS = ("tproxy", "ebpf")
-
-
-class BackendUnavailable(KernformError):
-    """The chosen backend cannot compile this intent yet: the user must pick another backend."""
+__all__ = ["BACKENDS", "BackendUnavailable", "compile_intent"]
 
 
 def compile_intent(intent: NetworkIntent, backend: str | None = None) -> DesiredState:
@@ -21,7 +18,7 @@ def compile_intent(intent: NetworkIntent, backend: str | None = None) -> Desired
 
         return tproxy.compile_intent(intent)
     if chosen == "ebpf":
-        raise BackendUnavailable(
-            "the ebpf backend is not implemented yet (tracked in issue #3); use --backend tproxy"
-        )
+        from . import ebpf as ebpf_backend
+
+        return ebpf_backend.compile_intent(intent)
     raise BackendUnavailable(f"unknown backend {chosen!r} (choose one of {', '.join(BACKENDS)})")

@@ -111,7 +111,8 @@ def _label(map_name: str, key: bytes, value: bytes) -> str:
         return f"{ipaddress.ip_address(vip)}:{port}/{_PROTO.get(proto, proto)} -> service {svc_id}, {count} backends, {algo}"
     if map_name in ("backends_v4", "backends_v6"):
         addr, port = (BACKEND_V4 if map_name.endswith("v4") else BACKEND_V6).unpack(value)
-        return f"[{index}] {ipaddress.ip_address(addr)}:{port}"
+        ip = ipaddress.ip_address(addr)
+        return f"[{index}] {ip}:{port}" if ip.version == 4 else f"[{index}] [{ip}]:{port}"
     if map_name == "maglev":
         return f"[{index}] -> backend {U32.unpack(value)[0] - 1}"
     if map_name in ("exclude_uid", "exclude_gid"):

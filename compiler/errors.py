@@ -35,6 +35,10 @@ class IntentError(KernformError):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
+class BackendUnavailable(KernformError):
+    """The chosen backend cannot express this intent: the user must change the intent or pick the other backend."""
+
+
 class KernelError(KernformError):
     """The kernel refused or failed an operation: the operator must look (permissions, missing feature, a conflict)."""
 

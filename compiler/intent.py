@@ -270,9 +270,25 @@ class Filtering(_Model):
     output: FilterChain | None = None
 
 
+# ------------------------------------------------------------------------ ebpf
+class EbpfOptions(_Model):
+    """Settings only the ebpf backend needs."""
+
+    interfaces: list[Interface] = Field(
+        default=[], description="where filter rules that name no interface are attached (tc clsact)"
+    )
+    cgroup: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$",
+        description="cgroup v2 path (below the cgroup2 mount) whose processes get socket-level load balancing "
+        "and outbound interception; default kernform/<intent name>",
+    )
+
+
 # ------------------------------------------------------------------------ intent
 class Spec(_Model):
     backend: Literal["tproxy", "ebpf"] = "tproxy"
+    ebpf: EbpfOptions = EbpfOptions()
     interception: Interception = Interception()
     load_balancing: LoadBalancing = LoadBalancing()
     routing: Routing = Routing()

@@ -11,6 +11,8 @@ from collections import defaultdict
 from .objects import (
     NFT_FAMILY,
     RTPROT_KERNFORM,
+    BpfMapEntry,
+    BpfProgram,
     DesiredState,
     IpRoute,
     IpRule,
@@ -71,9 +73,38 @@ def render_routing(desired: DesiredState) -> str:
     return "\n".join(lines) + ("\n" if lines else "")
 
 
+def render_bpf(desired: DesiredState, max_entries: int = MAX_ELEMENTS_SHOWN) -> str:
+    entries: dict[tuple[str, str], list[BpfMapEntry]] = defaultdict(list)
+    for obj in desired.objects:
+        if isinstance(obj, BpfMapEntry):
+            entries[(obj.program, obj.map)].append(obj)
+    lines = []
+    for obj in desired.objects:
+        if not isinstance(obj, BpfProgram):
+            continue
+        lines.append(f"program {obj.name}   # {obj.origin}")
+        lines.append(f"\tsource   bpf/{obj.source}")
+        lines.append(f"\tsettings {' '.join(obj.cflags)}")
+        lines.append(f"\tdigest   {obj.digest}")
+        for function, point in obj.attachments:
+            lines.append(f"\tattach   {function} -> {point}")
+        for (program, map_name), items in sorted(entries.items()):
+            if program != obj.name:
+                continue
+            lines.append(f"\tmap {map_name} ({len(items)} entries)")
+            for entry in items[:max_entries]:
+                lines.append(f"\t\t{entry.label}   # {entry.origin}")
+            if len(items) > max_entries:
+                lines.append(f"\t\t... {len(items) - max_entries} more")
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
 def render(desired: DesiredState) -> str:
     parts = [f"# kernform compile: intent {desired.intent}, backend {desired.backend}", "", "# nftables", render_nft(desired)]
     routing = render_routing(desired)
     if routing:
         parts += ["# policy routing", routing]
+    bpf = render_bpf(desired)
+    if bpf:
+        parts += ["# BPF programs and their maps", bpf]
     return "\n".join(parts)

@@ -1,0 +1,431 @@
+"""Lowering an intent for the `ebpf` backend: BPF programs from bpf/ and the contents of their maps.
+
+Configuration is data: the programs are compiled once per (source, settings)
+and every CIDR, backend, weight or port is a map entry, so changing them is a
+map update. What goes where:
+
+- filtering: one tc program (bpf/tc_filter.c) per interface, clsact ingress
+  for input/forward rules and egress for output rules; ordered rule
+  descriptors, LPM tries of prefixes holding rule bitmaps, per-rule counters.
+- inbound interception: the netns-wide sk_lookup program (bpf/sk_lookup.c)
+  hands a matching connection to the proxy's listening socket (a sockmap
+  slot); policy routing (`iif ... lookup T`, `local <destination> dev lo` in T)
+  delivers the intercepted destinations locally in the first place.
+- load balancing and outbound interception: cgroup programs
+  (bpf/sock_connect.c) rewrite connect()/sendmsg() destinations at the socket
+  for processes in the intent's cgroup; the proxy learns the original
+  destination with getsockopt(SO_ORIGINAL_DST).
+- routing: the same ip rules and routes as the tproxy backend.
+
+Differences from tproxy that a user can observe are raised here as
+BackendUnavailable with the reason, never silently approximated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import bpf_layout as L
+from . import maglev
+from .errors import BackendUnavailable
+from .intent import FilterChain, FilterRule, InterceptionRule, NetworkIntent, Service, parse_port_range
+from .objects import (
+    OWNED_TABLES_SET,
+    BpfMapEntry,
+    BpfProgram,
+    DesiredState,
+    KernelObject,
+    Nexthop,
+    NftElement,
+    NftSet,
+    NftTable,
+    digest,
+    ip_route,
+    ip_rule,
+    nft_table_name,
+)
+from .routing import lower_routing
+
+BACKEND = "ebpf"
+BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+FULL_PORTS = (0, 65535)
+_PROTO = {"tcp": 6, "udp": 17}
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def source_digest(source: str, cflags: Sequence[str], attachments: Sequence[tuple[str, str]]) -> str:
+    """Identity of a compiled program: its source file, every shared header, its settings and attach points."""
+    h = hashlib.sha256()
+    for path in [BPF_DIR / source, *sorted((BPF_DIR / "lib").glob("*.h"))]:
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    h.update(repr((tuple(cflags), tuple(attachments))).encode())
+    return h.hexdigest()[:16]
+
+
+def max_rules_setting(count: int, what: str) -> int:
+    """KF_MAX_RULES: rule bitmaps are whole 64-bit words; the verifier allows up to 256 descriptors."""
+    for size in (64, 128, 192, 256):
+        if count <= size:
+            return size
+    raise BackendUnavailable(f"{what} needs {count} rule descriptors; the ebpf backend supports 256")
+
+
+def lpm_values(prefix_bits: dict[Network, int]) -> dict[Network, int]:
+    """Each prefix's bitmap ORed with those of every prefix containing it (an LPM lookup sees only the longest)."""
+    lengths = sorted({n.prefixlen for n in prefix_bits})
+    result = {}
+    for network, bits in prefix_bits.items():
+        total = bits
+        for length in lengths:
+            if length >= network.prefixlen:
+                break
+            total |= prefix_bits.get(network.supernet(new_prefix=length), 0)
+        result[network] = total
+    return result
+
+
+def _any(family: int) -> Network:
+    return ipaddress.ip_network("0.0.0.0/0" if family == 4 else "::/0")
+
+
+def _port_ranges(ports: Sequence[int | str]) -> list[tuple[int, int]]:
+    return [parse_port_range(p) for p in ports] or [FULL_PORTS]
+
+
+@dataclass
+class _Program:
+    """Entries of one program being built."""
+
+    name: str
+    source: str
+    origin: str
+    entries: list[BpfMapEntry] = field(default_factory=list)
+
+    def entry(self, map_name: str, key: bytes, value: bytes, origin: str) -> None:
+        self.entries.append(BpfMapEntry(self.name, map_name, key.hex(), value.hex(),
+                                        L.label(self.source, map_name, key, value), origin))
+
+    def lpm(self, map_prefix: str, prefix_bits: dict[Network, int], words: int, origin: str) -> None:
+        for network, bits in sorted(lpm_values(prefix_bits).items(), key=lambda i: (i[0].version, str(i[0]))):
+            self.entry(f"{map_prefix}_v{network.version}", L.lpm_key(network), L.bitmap(bits, words), origin)
+
+
+def _add_bits(table: dict[Network, int], networks: Iterable[Network], bit: int) -> None:
+    for network in networks:
+        table[network] = table.get(network, 0) | (1 << bit)
+
+
+def _networks(cidrs: Iterable[str]) -> list[Network]:
+    by_family: dict[int, list[Network]] = {4: [], 6: []}
+    for text in cidrs:
+        net = ipaddress.ip_network(text)
+        by_family[net.version].append(net)
+    result: list[Network] = []
+    for nets in by_family.values():
+        result += ipaddress.collapse_addresses(nets)  # type: ignore[type-var]
+    return result
+
+
+def _program(p: _Program, attachments: list[tuple[str, str]], cflags: list[str]) -> BpfProgram:
+    attached = tuple(sorted(attachments))
+    return BpfProgram(p.name, p.source, attached, tuple(cflags), source_digest(p.source, cflags, attached), p.origin)
+
+
+def compile_intent(intent: NetworkIntent) -> DesiredState:
+    name = intent.metadata.name
+    programs: list[BpfProgram] = []
+    entries: list[BpfMapEntry] = []
+    routing: list[KernelObject] = list(lower_routing(intent))
+    for program, program_entries in (
+        *_filtering(intent),
+        *_inbound_interception(intent, routing),
+        *_socket_programs(intent),
+    ):
+        programs.append(program)
+        entries += program_entries
+    owned = sorted({o.table for o in routing if hasattr(o, "table") and isinstance(o.table, int)}
+                   | {t.id for t in intent.spec.routing.tables})
+    # The nft table carries no chain here: it is only the kernel-held record of
+    # the routing tables this intent owns (see OWNED_TABLES_SET).
+    table = nft_table_name(name)
+    decl = "type mark;"
+    meta: list[KernelObject] = [NftTable(table, origin="intent"),
+                                NftSet(table, OWNED_TABLES_SET, digest(decl), False, decl, "ownership record")]
+    meta += [NftElement(table, OWNED_TABLES_SET, str(t), None, "ownership record") for t in owned]
+    objects: list[KernelObject] = [*meta, *routing, *programs, *entries]
+    return DesiredState(name, BACKEND, tuple(objects), frozenset(owned))
+
+
+# -------------------------------------------------------------------- filtering
+@dataclass(frozen=True)
+class _Descriptor:
+    flags: int
+    proto: int
+    action: int
+    counter: int
+    ports: tuple[int, int]
+    rate: int = 0
+    burst: int = 0
+
+
+def _filter_rules_by_interface(intent: NetworkIntent) -> dict[str, list[tuple[str, FilterRule]]]:
+    by_interface: dict[str, list[tuple[str, FilterRule]]] = {}
+    for direction in ("input", "forward", "output"):
+        chain: FilterChain | None = getattr(intent.spec.filtering, direction)
+        if chain is None:
+            continue
+        for rule in chain.rules:
+            interfaces = rule.interfaces or intent.spec.ebpf.interfaces
+            if not interfaces:
+                raise BackendUnavailable(
+                    f"filtering.{direction}/{rule.name}: the ebpf backend filters at interfaces; name them on the "
+                    "rule or in spec.ebpf.interfaces"
+                )
+            for interface in interfaces:
+                if interface.endswith("*"):
+                    raise BackendUnavailable(f"filtering.{direction}/{rule.name}: the ebpf backend needs exact "
+                                             f"interface names, not {interface!r}")
+                by_interface.setdefault(interface, []).append((direction, rule))
+    return by_interface
+
+
+def _defaults(intent: NetworkIntent) -> dict[str, str]:
+    """Default action per hook (ingress, egress); one tc program has one default for both."""
+    result: dict[str, str] = {}
+    for direction, hook in (("input", "ingress"), ("forward", "ingress"), ("output", "egress")):
+        chain: FilterChain | None = getattr(intent.spec.filtering, direction)
+        if chain is None:
+            continue
+        if chain.default == "deny" and chain.stateful:
+            raise BackendUnavailable(
+                f"filtering.{direction}: the ebpf backend's filter is stateless (no connection tracking), so a "
+                "default deny would drop replies; say `stateful: false` to accept that, or use the tproxy backend"
+            )
+        if result.get(hook, chain.default) != chain.default:
+            raise BackendUnavailable("filtering: input and forward defaults differ; the ebpf backend filters both "
+                                     "at tc ingress and needs one default")
+        result[hook] = chain.default
+    if len(set(result.values())) > 1:
+        raise BackendUnavailable("filtering: the ebpf backend's filter has one default action per interface; "
+                                 "ingress (input/forward) and egress (output) defaults must agree")
+    return result
+
+
+def _rate(rule: FilterRule, where: str) -> tuple[int, int]:
+    assert rule.rate_limit is not None
+    limit = rule.rate_limit
+    if limit.per == "minute":
+        if limit.rate % 60:
+            raise BackendUnavailable(f"{where}: the ebpf backend counts tokens per second; {limit.rate}/minute is "
+                                     "not a whole number per second")
+        return limit.rate // 60, limit.burst
+    return limit.rate, limit.burst
+
+
+def _filtering(intent: NetworkIntent) -> list[tuple[BpfProgram, list[BpfMapEntry]]]:
+    by_interface = _filter_rules_by_interface(intent)
+    if not by_interface:
+        return []
+    defaults = _defaults(intent)
+    default_deny = "deny" in defaults.values()
+    result = []
+    for interface, rules in sorted(by_interface.items()):
+        program = _Program(f"tc-{interface}", "tc_filter.c", f"filtering@{interface}")
+        descriptors: list[tuple[_Descriptor, list[Network], list[Network], str]] = []
+        for counter, (direction, rule) in enumerate(rules):
+            where = f"filtering.{direction}/{rule.name}"
+            flags = L.RULE_EGRESS if direction == "output" else L.RULE_INGRESS
+            action = {"allow": L.ACT_ALLOW, "deny": L.ACT_DENY, "rate-limit": L.ACT_RATE_LIMIT}[rule.action]
+            rate, burst = _rate(rule, where) if rule.action == "rate-limit" else (0, 0)
+            sources = _networks(rule.sources) or [_any(4), _any(6)]
+            destinations = _networks(rule.destinations) or [_any(4), _any(6)]
+            protos = {"any": [0], "tcp": [6], "udp": [17], "icmp": [1, 58]}[rule.protocol]
+            for proto in protos:
+                for ports in _port_ranges(rule.ports):
+                    descriptors.append((_Descriptor(flags, proto, action, counter, ports, rate, burst),
+                                        sources, destinations, where))
+        max_rules = max_rules_setting(len(descriptors), f"interface {interface}")
+        words = max_rules // 64
+        src_bits: dict[Network, int] = {}
+        dst_bits: dict[Network, int] = {}
+        for index, (d, sources, destinations, where) in enumerate(descriptors):
+            _add_bits(src_bits, sources, index)
+            _add_bits(dst_bits, destinations, index)
+            value = L.RULE.pack(d.flags, d.proto, d.action, d.counter, d.ports[0], d.ports[1], d.rate, d.burst, 0)
+            program.entry("rules", L.U32.pack(index), value, where)
+        program.lpm("src", src_bits, words, "filtering")
+        program.lpm("dst", dst_bits, words, "filtering")
+        if default_deny:
+            program.entry("config", L.U32.pack(0), L.FILTER_CONFIG.pack(L.ACT_DENY), "filtering default")
+        hooks = {"egress" if d.flags & L.RULE_EGRESS else "ingress" for d, *_ in descriptors}
+        if default_deny:
+            hooks |= {hook for hook in defaults}
+        attachments = [(f"kf_tc_{hook}", f"tc:{interface}:{hook}") for hook in sorted(hooks)]
+        cflags = [f"-DKF_MAX_RULES={max_rules}"]
+        result.append((_program(program, attachments, cflags), program.entries))
+    return result
+
+
+# ------------------------------------------------------------ interception
+@dataclass(frozen=True)
+class _InterceptDescriptor:
+    action: int
+    proto: int
+    ports: tuple[int, int]
+    proxy_port: int
+    slot: int
+    counter: int
+
+
+def _intercept_tables(rules: Sequence[InterceptionRule], where_prefix: str,
+                      slots: dict[tuple[int, int], int] | None) -> tuple[list[_InterceptDescriptor], dict[Network, int]]:
+    """Ordered descriptors (exceptions before the redirect) and destination prefix bitmaps."""
+    descriptors: list[_InterceptDescriptor] = []
+    bits: dict[Network, int] = {}
+    for counter, rule in enumerate(rules):
+        if rule.sources or rule.exclude.sources:
+            raise BackendUnavailable(f"{where_prefix}/{rule.name}: the ebpf backend intercepts by destination and "
+                                     "port; source CIDRs need the tproxy backend")
+        if rule.exclude.marks:
+            raise BackendUnavailable(f"{where_prefix}/{rule.name}: the ebpf backend cannot exclude by mark; "
+                                     "exclude the proxy by uid or gid instead")
+        destinations = _networks(rule.destinations) or [_any(4), _any(6)]
+        assert rule.proxy_port is not None
+        for proto_name in rule.protocols:
+            proto = _PROTO[proto_name]
+            slot = 0
+            if slots is not None:
+                slot = slots.setdefault((rule.proxy_port, proto), len(slots))
+            for network in _networks(rule.exclude.destinations):
+                _add_bits(bits, [network], len(descriptors))
+                descriptors.append(_InterceptDescriptor(L.ICPT_BYPASS, proto, FULL_PORTS, 0, 0, counter))
+            for ports in [parse_port_range(p) for p in rule.exclude.ports]:
+                _add_bits(bits, destinations, len(descriptors))
+                descriptors.append(_InterceptDescriptor(L.ICPT_BYPASS, proto, ports, 0, 0, counter))
+            for ports in _port_ranges(rule.ports):
+                _add_bits(bits, destinations, len(descriptors))
+                descriptors.append(_InterceptDescriptor(L.ICPT_REDIRECT, proto, ports, rule.proxy_port, slot, counter))
+    return descriptors, bits
+
+
+def _intercept_entries(program: _Program, descriptors: list[_InterceptDescriptor], bits: dict[Network, int],
+                       where: str) -> int:
+    max_rules = max_rules_setting(len(descriptors), where)
+    for index, d in enumerate(descriptors):
+        value = L.INTERCEPT_RULE.pack(d.action, d.proto, d.ports[0], d.ports[1], d.proxy_port, d.slot, d.counter)
+        program.entry("intercept_rules", L.U32.pack(index), value, where)
+    program.lpm("intercept", bits, max_rules // 64, where)
+    return max_rules
+
+
+def _inbound_interception(intent: NetworkIntent, routing: list[KernelObject]) -> list[tuple[BpfProgram, list[BpfMapEntry]]]:
+    section = intent.spec.interception
+    rules = [r for r in section.rules if r.direction == "inbound"]
+    if not rules:
+        return []
+    program = _Program("sk-lookup", "sk_lookup.c", "interception (inbound)")
+    slots: dict[tuple[int, int], int] = {}
+    descriptors, bits = _intercept_tables(rules, "interception", slots)
+    max_rules = _intercept_entries(program, descriptors, bits, "interception")
+    for (port, proto), slot in sorted(slots.items(), key=lambda i: i[1]):
+        program.entry("proxy_socks", L.U32.pack(slot), L.PROXY_SOCKET.pack(port, proto), f"proxy :{port}")
+    # Policy routing makes the intercepted destinations local for traffic from
+    # the rule's interfaces, so the kernel runs the socket lookup at all.
+    for index, rule in enumerate(rules):
+        table = section.routing_table + index
+        origin = f"interception/{rule.name} (local delivery)"
+        destinations = _networks(rule.destinations) or [_any(4), _any(6)]
+        for network in destinations:
+            routing.append(ip_route(network.version, table, network.with_prefixlen, type="local",
+                                    nexthops=_lo(), origin=origin))
+        for network in _networks(rule.exclude.destinations):
+            routing.append(ip_route(network.version, table, network.with_prefixlen, type="throw", origin=origin))
+        families = sorted({n.version for n in destinations})
+        for family in families:
+            interfaces: list[str | None] = list(rule.interfaces) or [None]
+            port_ranges: list[tuple[int, int] | None] = [parse_port_range(p) for p in rule.ports] or [None]
+            for interface in interfaces:
+                for proto_name in rule.protocols:
+                    for ports in port_ranges:
+                        routing.append(ip_rule(family, section.rule_priority, table, iif=interface,
+                                               ip_proto=_PROTO[proto_name], dport=ports, origin=origin))
+    cflags = [f"-DKF_MAX_RULES={max_rules}", f"-DKF_MAX_PROXIES={max(64, len(slots))}"]
+    return [(_program(program, [("kf_sk_lookup", "netns:sk_lookup")], cflags), program.entries)]
+
+
+def _lo() -> tuple[Nexthop, ...]:
+    return (Nexthop(None, "lo", 1),)
+
+
+# ------------------------------------------------- socket-level programs
+def _cgroup(intent: NetworkIntent) -> str:
+    return intent.spec.ebpf.cgroup or f"kernform/{intent.metadata.name}"
+
+
+def _expand_ids(ranges: Iterable[int | str], where: str) -> list[int]:
+    ids: list[int] = []
+    for text in ranges:
+        low, _, high = str(text).partition("-")
+        lo, hi = int(low), int(high or low)
+        if hi - lo > 255:
+            raise BackendUnavailable(f"{where}: the ebpf backend lists excluded ids one by one; {text} is too wide")
+        ids += range(lo, hi + 1)
+    return ids
+
+
+def _socket_programs(intent: NetworkIntent) -> list[tuple[BpfProgram, list[BpfMapEntry]]]:
+    services = intent.spec.load_balancing.services
+    outbound = [r for r in intent.spec.interception.rules if r.direction == "outbound"]
+    if not services and not outbound:
+        return []
+    program = _Program("sock", "sock_connect.c", f"cgroup {_cgroup(intent)}")
+    size = maglev.table_size(max((len(s.backends) for s in services), default=1))
+    max_services = 16
+    while max_services < len(services):
+        max_services *= 2
+    backend_index = {4: 0, 6: 0}
+    for svc_id, service in enumerate(services):
+        _service_entries(program, service, svc_id, size, backend_index)
+    max_rules = 64
+    if outbound:
+        descriptors, bits = _intercept_tables(outbound, "interception", None)
+        max_rules = _intercept_entries(program, descriptors, bits, "interception (outbound)")
+        for rule in outbound:
+            where = f"interception/{rule.name}"
+            for uid in _expand_ids(rule.exclude.uids, where):
+                program.entry("exclude_uid", L.U32.pack(uid), L.EXCLUDE.pack(1), where)
+            for gid in _expand_ids(rule.exclude.gids, where):
+                program.entry("exclude_gid", L.U32.pack(gid), L.EXCLUDE.pack(1), where)
+    cgroup = _cgroup(intent)
+    hooks = ["connect4", "connect6"]
+    if any(s.protocol == "udp" for s in services) or any("udp" in r.protocols for r in outbound):
+        hooks += ["sendmsg4", "sendmsg6", "recvmsg4", "recvmsg6"]
+    attachments = [(f"kf_{hook}", f"cgroup:{cgroup}:{hook}") for hook in hooks]
+    if outbound:
+        attachments += [("kf_sockops", f"cgroup:{cgroup}:sock_ops"), ("kf_getsockopt", f"cgroup:{cgroup}:getsockopt")]
+    cflags = [f"-DKF_MAX_RULES={max_rules}", f"-DKF_MAGLEV_SIZE={size}", f"-DKF_MAX_SERVICES={max_services}"]
+    return [(_program(program, attachments, cflags), program.entries)]
+
+
+def _service_entries(program: _Program, service: Service, svc_id: int, size: int, next_index: dict[int, int]) -> None:
+    where = f"loadBalancing/{service.name}"
+    family = ipaddress.ip_address(service.vip).version
+    proto = _PROTO[service.protocol]
+    vip = ipaddress.ip_address(service.vip).packed
+    key = (L.SVC_KEY_V4 if family == 4 else L.SVC_KEY_V6).pack(vip, service.port, proto)
+    algorithm = L.LB_AFFINITY if service.algorithm == "source-hash" else L.LB_RANDOM
+    program.entry(f"services_v{family}", key, L.SERVICE.pack(svc_id, len(service.backends), algorithm, 0), where)
+    first = next_index[family]
+    layout = L.BACKEND_V4 if family == 4 else L.BACKEND_V6
+    for offset, backend in enumerate(service.backends):
+        value = layout.pack(ipaddress.ip_address(backend.address).packed, backend.port or service.port)
+        program.entry(f"backends_v{family}", L.U32.pack(first + offset), value, where)
+    next_index[family] = first + len(service.backends)
+    identities = [f"{b.address}:{b.port or service.port}" for b in service.backends]
+    table = maglev.build(identities, [b.weight for b in service.backends], size)
+    for slot, chosen in enumerate(table):
+        program.entry("maglev", L.U32.pack(svc_id * size + slot), L.U32.pack(first + chosen + 1), where)
