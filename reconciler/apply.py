@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from compiler.errors import ApplyError, KernelError
-from compiler.objects import NETLINK_KINDS, NFT_KINDS, DesiredState
+from compiler.objects import BPF_KINDS, NETLINK_KINDS, NFT_KINDS, BpfProgram, DesiredState
 
 from .observe import ObservedState, Target
 from .plan import Action, Plan, diff
@@ -28,7 +28,8 @@ class ApplyResult:
 
 
 def make_plan(target: Target, desired: DesiredState) -> tuple[Plan, ObservedState]:
-    observed = target.observe(desired.intent, desired.routing_tables)
+    wants_bpf = any(o.kind in BPF_KINDS for o in desired.objects)
+    observed = target.observe(desired.intent, desired.routing_tables, bpf=wants_bpf)
     plan = diff(desired.intent, desired.backend, target.label, desired.by_key(), observed.by_key())
     return plan, observed
 
@@ -56,6 +57,11 @@ def apply(target: Target, desired: DesiredState, plan: Plan | None = None,
         return ApplyResult(plan, 0, time.perf_counter() - started)
     netlink_actions = plan.of_kinds(NETLINK_KINDS)
     nft_actions = plan.of_kinds(NFT_KINDS)
+    bpf_actions = plan.of_kinds(BPF_KINDS)
+    programs = [o for o in desired.objects if isinstance(o, BpfProgram)]
+    if programs and any(a.kind == BpfProgram.kind and a.op != "remove" for a in bpf_actions):
+        # Before loading anything: a kernel without a needed feature fails here, by name.
+        target.bpf.probe(programs)
     # The text snapshot is the way back if verification fails; only needed when nft changes.
     snapshot = target.nft.snapshot(observed.nft.table) if nft_actions and observed.nft.exists else None
     operations = target.netlink.apply(netlink_actions) if netlink_actions else 0
@@ -65,9 +71,16 @@ def apply(target: Target, desired: DesiredState, plan: Plan | None = None,
         if netlink_actions:
             target.netlink.apply(inverse(netlink_actions))
         raise
+    if bpf_actions:
+        try:
+            # The BPF driver undoes its own partial work before raising.
+            operations += target.bpf.apply(desired.intent, bpf_actions, desired.objects)
+        except KernelError:
+            _restore(target, observed, snapshot, netlink_actions, bool(nft_actions))
+            raise
     residual, _ = make_plan(target, desired)
     if not residual.empty:
-        _restore(target, observed, snapshot, netlink_actions)
+        _restore(target, observed, snapshot, netlink_actions, bool(nft_actions))
         raise ApplyError(
             f"the kernel does not hold the desired state after applying ({len(residual.actions)} differences); "
             "the previous state was restored",
@@ -77,8 +90,9 @@ def apply(target: Target, desired: DesiredState, plan: Plan | None = None,
 
 
 def _restore(target: Target, observed: ObservedState, snapshot: str | None,
-             netlink_actions: tuple[Action, ...]) -> None:
-    target.nft.restore(observed.nft.table, snapshot)
+             netlink_actions: tuple[Action, ...], nft_changed: bool = True) -> None:
+    if nft_changed:
+        target.nft.restore(observed.nft.table, snapshot)
     if netlink_actions:
         target.netlink.apply(inverse(netlink_actions))
 

@@ -9,12 +9,25 @@ ones its table records from earlier applies, so leftovers are swept).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from compiler.objects import OWNED_TABLES_SET, KernelObject, NftElement, ObjectKey, index_by_key, nft_table_name
+from compiler.objects import (
+    BPF_PIN_ROOT,
+    OWNED_TABLES_SET,
+    KernelObject,
+    NftElement,
+    ObjectKey,
+    index_by_key,
+    nft_table_name,
+)
 
 from .drivers.netlink import NetlinkDriver
 from .drivers.nft import NftDriver, NftObservation
+
+if TYPE_CHECKING:
+    from .drivers.bpf import BpfDriver
 
 
 @dataclass(frozen=True)
@@ -23,10 +36,11 @@ class ObservedState:
     nft: NftObservation
     netlink: tuple[KernelObject, ...]
     routing_tables: frozenset[int]
+    bpf: tuple[KernelObject, ...] = ()
 
     @property
     def objects(self) -> tuple[KernelObject, ...]:
-        return self.nft.objects + self.netlink
+        return self.nft.objects + self.netlink + self.bpf
 
     def by_key(self) -> dict[ObjectKey, KernelObject]:
         return index_by_key(self.objects)
@@ -39,6 +53,19 @@ class Target:
         self.netns = netns
         self.nft = NftDriver(netns)
         self.netlink = NetlinkDriver(netns)
+        self._bpf: BpfDriver | None = None
+
+    @property
+    def bpf(self) -> BpfDriver:
+        """The BPF driver, opened on first use: bcc is slow to import and tproxy-only hosts never need it."""
+        if self._bpf is None:
+            from .drivers.bpf import BpfDriver
+
+            self._bpf = BpfDriver(self.netns)
+        return self._bpf
+
+    def has_bpf_state(self, intent: str) -> bool:
+        return os.path.isdir(os.path.join(BPF_PIN_ROOT, intent))
 
     @property
     def label(self) -> str:
@@ -46,6 +73,8 @@ class Target:
 
     def close(self) -> None:
         self.netlink.close()
+        if self._bpf is not None:
+            self._bpf.close()
 
     def __enter__(self) -> Target:
         return self
@@ -53,11 +82,13 @@ class Target:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def observe(self, intent: str, wanted_tables: frozenset[int] = frozenset()) -> ObservedState:
+    def observe(self, intent: str, wanted_tables: frozenset[int] = frozenset(), bpf: bool = False) -> ObservedState:
+        """What `intent` owns in this namespace; BPF state is read when `bpf` or when the intent has pins."""
         nft = self.nft.observe(nft_table_name(intent))
         recorded = {
             int(o.element) for o in nft.objects if isinstance(o, NftElement) and o.set == OWNED_TABLES_SET
         }
         tables = frozenset(recorded | set(wanted_tables))
         netlink = tuple(self.netlink.observe(tables)) if tables else ()
-        return ObservedState(intent, nft, netlink, tables)
+        programs = tuple(self.bpf.observe(intent)) if bpf or self.has_bpf_state(intent) else ()
+        return ObservedState(intent, nft, netlink, tables, programs)

@@ -77,7 +77,7 @@ class FakeTarget:
         self.nft = FakeNft()
         self.netlink = FakeNetlink()
 
-    def observe(self, intent: str, wanted: frozenset[int] = frozenset()) -> ObservedState:
+    def observe(self, intent: str, wanted: frozenset[int] = frozenset(), bpf: bool = False) -> ObservedState:
         return ObservedState(intent, self.nft.observe(intent), tuple(self.netlink.observe(wanted)), wanted)
 
 
