@@ -1,4 +1,4 @@
-"""The `kernform` command line: validate, compile, plan, apply, destroy, status, sandbox, demo.
+"""The `kernform` command line: validate, compile, plan, apply, destroy, status, watch, sandbox, demo.
 
 Exit status: 0 success; 1 error (an invalid file, a kernel failure); with
 `plan --detailed-exitcode`, 2 when changes are pending (as Terraform does).
@@ -166,6 +166,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from reconciler.daemon import Daemon, WatchSettings
+    from reconciler.log import setup
+
+    setup(args.log_format, args.log_level)
+    settings = WatchSettings(
+        file=Path(os.path.abspath(args.file)),
+        backend=args.backend,
+        netns=args.netns,
+        resync=args.resync,
+        debounce=args.debounce_ms / 1000,
+        metrics=args.metrics,
+    )
+    return Daemon(settings).run()
+
+
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from . import lab
 
@@ -182,6 +200,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from . import demo
 
     return demo.run(backend=args.backend, prefix=args.prefix, keep=args.keep)
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be greater than 0")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -232,6 +260,19 @@ def parser() -> argparse.ArgumentParser:
     with_netns(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("watch", help="keep the kernel holding FILE: reconcile on every change (foreground daemon)")
+    p.add_argument("file", metavar="FILE")
+    with_backend(p)
+    with_netns(p)
+    p.add_argument("--resync", type=_positive, default=30.0, metavar="SECONDS",
+                   help="full pass at least this often, events or not (default 30)")
+    p.add_argument("--metrics", metavar="ADDR", help="serve Prometheus metrics on [HOST:]PORT")
+    p.add_argument("--debounce-ms", type=_positive, default=30.0, metavar="MS",
+                   help="quiet time after the last event before a pass (default 30)")
+    p.add_argument("--log-format", choices=("text", "json"), default="text", help="json: one object per line")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    p.set_defaults(func=cmd_watch)
 
     p = sub.add_parser("sandbox", help="the isolated lab of network namespaces")
     p.add_argument("action", choices=("up", "down"))

@@ -650,14 +650,22 @@ def servers(m: LabMap, *, proxy_ns: str | None = None, proxy_port: int = PROXY_P
 
 
 def client_get(m: LabMap, host: str, port: int, *, count: int = 1, proto: str = "tcp", timeout: float = 2.0,
-               ns: str | None = None, uid: int | None = None) -> list[dict[str, Any]]:
-    """Requests from the client namespace (or `ns`), optionally as another uid; one reply or error per request."""
+               ns: str | None = None, uid: int | None = None, cgroup: str | None = None) -> list[dict[str, Any]]:
+    """Requests from the client namespace (or `ns`); one reply or error per request.
+
+    `uid`: run as that user (setpriv). `cgroup`: run inside that cgroup v2
+    directory (an absolute path): the process joins it before entering the
+    namespace, because `ip netns exec` remounts /sys.
+    """
     from . import traffic
 
     argv = traffic.command("get", host, str(port), "--proto", proto, "--timeout", str(timeout), "--count", str(count))
     if uid is not None:
         argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv]
-    result = run_in(ns or m.client_ns, argv, check=False, timeout=timeout * count + 30)
+    full = ["ip", "netns", "exec", ns or m.client_ns, *argv]
+    if cgroup is not None:
+        full = ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', cgroup, *full]
+    result = subprocess.run(full, capture_output=True, text=True, timeout=timeout * count + 30)
     replies = []
     for line in result.stdout.splitlines():
         with contextlib.suppress(ValueError):

@@ -101,7 +101,25 @@ def _reply(name: str, peer: tuple[str, int], local: tuple[str, int], **extra: An
 # --------------------------------------------------------------------------- server loop
 
 
-Responder = Callable[[tuple[str, int], tuple[str, int]], dict[str, Any]]
+# (peer, local address, original destination if SO_ORIGINAL_DST answered) -> reply body
+Responder = Callable[[tuple[str, int], tuple[str, int], "tuple[str, int] | None"], dict[str, Any]]
+SO_ORIGINAL_DST = 80  # also IP6T_SO_ORIGINAL_DST at SOL_IPV6
+
+
+def original_destination(sock: socket.socket) -> tuple[str, int] | None:
+    """SO_ORIGINAL_DST: answered by netfilter NAT or by kernform's eBPF getsockopt hook; None when neither applies."""
+    try:
+        if sock.family == socket.AF_INET6:
+            raw = sock.getsockopt(SOL_IPV6, SO_ORIGINAL_DST, 28)
+            port = int.from_bytes(raw[2:4], "big")
+            ip = unmap(socket.inet_ntop(socket.AF_INET6, raw[8:24]))
+        else:
+            raw = sock.getsockopt(SOL_IP, SO_ORIGINAL_DST, 16)
+            port = int.from_bytes(raw[2:4], "big")
+            ip = socket.inet_ntop(socket.AF_INET, raw[4:8])
+    except OSError:
+        return None
+    return ip, port
 
 
 @dataclass
@@ -110,6 +128,7 @@ class _Conn:
     peer: tuple[str, int]
     local: tuple[str, int]
     respond: Responder
+    original: tuple[str, int] | None = None
     inbuf: bytearray = field(default_factory=bytearray)
     out: bytes = b""
     last: float = field(default_factory=time.monotonic)
@@ -187,7 +206,7 @@ class EndpointLoop:
             except OSError:  # e.g. EMFILE: leave the rest queued for the next wake-up
                 return
             sock.setblocking(False)
-            conn = _Conn(sock, endpoint(peer), endpoint(sock.getsockname()), respond)
+            conn = _Conn(sock, endpoint(peer), endpoint(sock.getsockname()), respond, original_destination(sock))
             self.conns[sock] = conn
             self.sel.register(sock, selectors.EVENT_READ, ("read", conn))
 
@@ -205,7 +224,7 @@ class EndpointLoop:
         if data and not complete:
             return
         # Complete, or the client half-closed: answer what we have.
-        c.out = _render(c.respond(c.peer, c.local), http)
+        c.out = _render(c.respond(c.peer, c.local, c.original), http)
         self.sel.modify(c.sock, selectors.EVENT_WRITE, ("write", c))
         self._write(c)
 
@@ -284,7 +303,7 @@ def serve(name: str, port: int, proto: str = "tcp", bind: str = "::") -> None:
     """Answer every TCP connection or UDP datagram on ``bind:port`` with a JSON reply. Runs forever."""
     loop = EndpointLoop()
     if proto == "tcp":
-        loop.add_tcp(_bound(bind, port, socket.SOCK_STREAM), lambda peer, local: _reply(name, peer, local))
+        loop.add_tcp(_bound(bind, port, socket.SOCK_STREAM), lambda peer, local, _original: _reply(name, peer, local))
     else:
         s = _bound(bind, port, socket.SOCK_DGRAM)
         if s.family == socket.AF_INET6:
@@ -341,9 +360,12 @@ def tproxy(port: int, name: str = "proxy", proto: str = "both") -> None:
     """A transparent-proxy listener on ``port`` (v4 and v6) that reports what it intercepted. Runs forever."""
     loop = EndpointLoop()
 
-    def respond(peer: tuple[str, int], local: tuple[str, int]) -> dict[str, Any]:
+    def respond(peer: tuple[str, int], local: tuple[str, int], original: tuple[str, int] | None) -> dict[str, Any]:
         body = _reply(name, peer, local, proxy=True)
-        body["original_dst"] = body["local"]  # getsockname() of an intercepted socket is the original dst
+        if original is not None:  # redirected (eBPF connect hook, NAT): the kernel remembers where it was going
+            body["original_dst"], body["original_dst_via"] = hostport(*original), "SO_ORIGINAL_DST"
+        else:  # transparently intercepted (TPROXY, sk_lookup): the socket's own address is the original
+            body["original_dst"], body["original_dst_via"] = body["local"], "getsockname"
         return body
 
     for family, wildcard in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
