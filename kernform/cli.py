@@ -123,6 +123,7 @@ def _counter_origin(name: str) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     from reconciler.apply import make_plan
     from reconciler.observe import Target
+    from reconciler.status import rule_counters
 
     report: list[dict[str, Any]] = []
     with Target(args.netns) as target:
@@ -135,7 +136,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             observed = target.observe(name)
             entry: dict[str, Any] = {
                 "intent": name,
-                "applied": observed.nft.exists,
+                "applied": observed.nft.exists or bool(observed.bpf),
                 "objects": dict(count_by_kind(observed.objects)),
                 "counters": {
                     _counter_origin(c): {"packets": p, "bytes": b} for c, (p, b) in sorted(observed.nft.counters.items())
@@ -144,8 +145,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             if args.file:
                 desired = compile_intent(loaded.intent, args.backend)
                 plan, _ = make_plan(target, desired)
+                entry["backend"] = desired.backend
                 entry["inSync"] = plan.empty
                 entry["pendingChanges"] = plan.counts()
+                entry["counters"] = rule_counters(target, desired)
             report.append(entry)
     if args.json:
         print(json.dumps({"target": target.label, "intents": report}, indent=2))
@@ -162,7 +165,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         if objects:
             print(f"  objects: {objects}")
         for origin, value in entry["counters"].items():
-            print(f"  {origin:<48} {value['packets']:>12} packets {value['bytes']:>14} bytes")
+            figures = "  ".join(f"{n}={v}" for n, v in value.items())
+            print(f"  {origin:<48} {figures}")
     return 0
 
 
