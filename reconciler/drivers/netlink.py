@@ -161,6 +161,24 @@ class NetlinkDriver:
     ) -> None:
         self.close()
 
+    def portid(self) -> int:
+        """The netlink port id the kernel's notifications of our changes carry.
+
+        The daemon's event listener uses it to tell our own changes from
+        others'. Call it from the driver's thread (pyroute2 keeps a socket per
+        thread); a socket is bound by its first request, so one harmless
+        request (loopback is index 1 in every namespace) binds it if needed.
+        """
+        sock = self._socket
+        port = int(sock.getsockname()[0])
+        if not port:
+            try:
+                sock.link("get", index=1)
+            except NetlinkError as exc:
+                raise _kernel_error(f"cannot query loopback in {self._where}", exc) from exc
+            port = int(sock.getsockname()[0])
+        return port
+
     def _check_usable(self) -> None:
         if threading.get_ident() != self._thread:
             raise InternalError(
