@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from . import cidr
+
 API_VERSION = "kernform/v1"
 KIND = "NetworkIntent"
 
@@ -33,10 +35,9 @@ class _Model(BaseModel):
 def _check_cidr(value: str) -> str:
     """Canonical CIDR text; a bare address means a single host. Host bits set is a mistake, not a hint."""
     try:
-        network = ipaddress.ip_network(value, strict=True)
+        return cidr.canonical(value)
     except ValueError as exc:
         raise ValueError(f"invalid CIDR {value!r}: {exc}") from None
-    return network.with_prefixlen
 
 
 def _check_address(value: str) -> str:

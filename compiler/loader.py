@@ -114,7 +114,10 @@ def parse_text(text: str, filename: str) -> LoadedIntent:
     the file parsed again with ruamel.yaml, which keeps every line and column.
     """
     document = _fast_document(text)
-    if isinstance(document, dict) and not list(_validator().iter_errors(document)):
+    if isinstance(document, dict):
+        # The models are stricter than the schema generated from them, so a
+        # document they accept needs no schema pass; the schema only serves to
+        # place errors, on the slow path.
         try:
             intent = NetworkIntent.model_validate(document)
         except ValidationError:

@@ -13,7 +13,7 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from . import maglev
+from . import cidr, maglev
 from .intent import (
     FilterChain,
     FilterRule,
@@ -61,23 +61,8 @@ _FAMILY = {4: ("ip", "ipv4_addr", "ipv4"), 6: ("ip6", "ipv6_addr", "ipv6")}
 
 
 def split_by_family(cidrs: Iterable[str]) -> dict[int, list[str]]:
-    """Collapsed, sorted CIDRs per family (4, 6): overlapping prefixes would be rejected by interval sets."""
-    networks: dict[int, list[ipaddress.IPv4Network | ipaddress.IPv6Network]] = {4: [], 6: []}
-    for text in cidrs:
-        network = ipaddress.ip_network(text)
-        networks[network.version].append(network)
-    return {
-        version: [element_text(n) for n in ipaddress.collapse_addresses(nets)]  # type: ignore[type-var]
-        for version, nets in networks.items()
-        if nets
-    }
-
-
-def element_text(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str:
-    """nft's canonical form of a prefix element: a host prefix is printed as a bare address."""
-    if network.prefixlen == network.max_prefixlen:
-        return str(network.network_address)
-    return network.with_prefixlen
+    """Collapsed, sorted CIDRs per family (4, 6) as nft elements: interval sets reject overlapping prefixes."""
+    return cidr.collapse_to_elements(cidrs)
 
 
 def port_set(ports: Sequence[int | str]) -> str:
