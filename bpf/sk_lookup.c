@@ -17,8 +17,12 @@
  * Maps (layouts in lib/kf_types.h, documented in bpf/README.md):
  *   intercept_v4 / intercept_v6, intercept_rules, intercept_counters
  *                      matched on the destination, see below
- *   proxy_socks        sockmap   u32 slot -> socket fd (a TCP listener or
- *                      an unconnected UDP socket)         [KF_MAX_PROXIES]
+ *   proxy_socks        sockmap   u32 slot -> socket for IPv4 (a TCP listener
+ *                      or an unconnected UDP socket)      [KF_MAX_PROXIES]
+ *   proxy_socks6       sockmap   u32 slot -> socket for IPv6  [KF_MAX_PROXIES]
+ *                      8-byte values: userspace writes the fd as a u64 and
+ *                      reads back the socket cookie (with 4-byte values the
+ *                      kernel refuses userspace lookups, ENOSPC)
  *
  * A REDIRECT rule whose slot holds no socket of the right protocol lets
  * the packet continue to the normal lookup (counted as no_proxy), so a
@@ -106,8 +110,17 @@ KF_ALWAYS_INLINE void kf_intercept_count(struct kf_intercept_rule *r, int what)
 		c->no_proxy++;
 }
 
-/* A sockmap declared as a table so that bcc offers .lookup(). */
-KF_MAP("sockmap", u32, int, proxy_socks, KF_MAX_PROXIES);
+/*
+ * Sockmaps declared as tables so that bcc offers .lookup(); u64 values so
+ * that the reconciler can read the socket cookies back (see the header).
+ * A slot has a socket per family, because proxies commonly listen on two
+ * sockets (0.0.0.0:port and [::]:port with IPV6_V6ONLY): proxy_socks holds
+ * the one for IPv4 (an AF_INET socket, or a dual-stack AF_INET6 one),
+ * proxy_socks6 the one for IPv6 (AF_INET6). bpf_sk_assign refuses a socket
+ * of the wrong family.
+ */
+KF_MAP("sockmap", u32, u64, proxy_socks, KF_MAX_PROXIES);
+KF_MAP("sockmap", u32, u64, proxy_socks6, KF_MAX_PROXIES);
 
 int kf_sk_lookup(struct bpf_sk_lookup *ctx)
 {
@@ -145,7 +158,10 @@ int kf_sk_lookup(struct bpf_sk_lookup *ctx)
 	}
 
 	slot = rule->proxy_slot;
-	sk = (struct bpf_sock *)proxy_socks.lookup(&slot);
+	if (family == 4)
+		sk = (struct bpf_sock *)proxy_socks.lookup(&slot);
+	else
+		sk = (struct bpf_sock *)proxy_socks6.lookup(&slot);
 	if (!sk) {
 		kf_intercept_count(rule, KF_ICPT_COUNT_NO_PROXY);
 		return SK_PASS;
