@@ -25,7 +25,7 @@ LB_RANDOM, LB_AFFINITY = 0, 1
 
 CONFIG_MAPS: dict[str, tuple[str, ...]] = {
     "tc_filter.c": ("src_v4", "dst_v4", "src_v6", "dst_v6", "rules", "config"),
-    "sk_lookup.c": ("intercept_v4", "intercept_v6", "intercept_rules", "proxy_socks"),
+    "sk_lookup.c": ("intercept_v4", "intercept_v6", "intercept_rules", "proxy_socks", "proxy_socks6"),
     "sock_connect.c": (
         "services_v4", "services_v6", "maglev", "backends_v4", "backends_v6",
         "intercept_v4", "intercept_v6", "intercept_rules", "exclude_uid", "exclude_gid",
@@ -45,7 +45,8 @@ SERVICE = struct.Struct("<IHBB")  # id backend_count algorithm flags
 BACKEND_V4 = struct.Struct("<4sHxx")
 BACKEND_V6 = struct.Struct("<16sHxx")
 EXCLUDE = struct.Struct("<B")
-# proxy_socks: the desired value names the listener, the driver puts its socket there.
+# proxy_socks / proxy_socks6 (IPv4 / IPv6 listener): the desired value names the listener,
+# the driver puts its socket there.
 PROXY_SOCKET = struct.Struct("<HBx")  # port protocol
 
 _PROTO = {0: "any", 1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp"}
@@ -100,9 +101,10 @@ def _label(map_name: str, key: bytes, value: bytes) -> str:
         action, proto, low, high, proxy_port, slot, counter = INTERCEPT_RULE.unpack(value)
         verb = f"redirect to :{proxy_port} (slot {slot})" if action == ICPT_REDIRECT else "bypass"
         return f"[{index}] {_PROTO.get(proto, proto)} {_ports(low, high)} {verb} (counter {counter})"
-    if map_name == "proxy_socks":
+    if map_name in ("proxy_socks", "proxy_socks6"):
         port, proto = PROXY_SOCKET.unpack(value)
-        return f"slot {index} -> the {_PROTO.get(proto, proto)} listener on port {port}"
+        family = "IPv6" if map_name.endswith("6") else "IPv4"
+        return f"slot {index} -> the {family} {_PROTO.get(proto, proto)} listener on port {port}"
     if map_name in ("services_v4", "services_v6"):
         layout = SVC_KEY_V4 if map_name.endswith("v4") else SVC_KEY_V6
         vip, port, proto = layout.unpack(key)

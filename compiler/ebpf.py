@@ -331,8 +331,17 @@ def _inbound_interception(intent: NetworkIntent, routing: list[KernelObject]) ->
     slots: dict[tuple[int, int], int] = {}
     descriptors, bits = _intercept_tables(rules, "interception", slots)
     max_rules = _intercept_entries(program, descriptors, bits, "interception")
+    # A slot holds the proxy's listener per family: proxies listen with separate IPv4 and IPv6 sockets.
+    families: dict[int, set[int]] = {}
+    for rule in rules:
+        assert rule.proxy_port is not None
+        versions = {n.version for n in _networks(rule.destinations)} or {4, 6}
+        for proto_name in rule.protocols:
+            families.setdefault(slots[(rule.proxy_port, _PROTO[proto_name])], set()).update(versions)
     for (port, proto), slot in sorted(slots.items(), key=lambda i: i[1]):
-        program.entry("proxy_socks", L.U32.pack(slot), L.PROXY_SOCKET.pack(port, proto), f"proxy :{port}")
+        for family in sorted(families[slot]):
+            map_name = "proxy_socks" if family == 4 else "proxy_socks6"
+            program.entry(map_name, L.U32.pack(slot), L.PROXY_SOCKET.pack(port, proto), f"proxy :{port}")
     # Policy routing makes the intercepted destinations local for traffic from
     # the rule's interfaces, so the kernel runs the socket lookup at all.
     for index, rule in enumerate(rules):
@@ -344,8 +353,8 @@ def _inbound_interception(intent: NetworkIntent, routing: list[KernelObject]) ->
                                     nexthops=_lo(), origin=origin))
         for network in _networks(rule.exclude.destinations):
             routing.append(ip_route(network.version, table, network.with_prefixlen, type="throw", origin=origin))
-        families = sorted({n.version for n in destinations})
-        for family in families:
+        rule_families = sorted({n.version for n in destinations})
+        for family in rule_families:
             interfaces: list[str | None] = list(rule.interfaces) or [None]
             port_ranges: list[tuple[int, int] | None] = [parse_port_range(p) for p in rule.ports] or [None]
             for interface in interfaces:

@@ -550,11 +550,18 @@ def run_in(
     return res
 
 
-def spawn_in(ns: str, argv: Sequence[str], **popen_kwargs: Any) -> subprocess.Popen[Any]:
-    """Start ``argv`` inside ``ns`` in its own process group (so it and its children can be killed)."""
+def spawn_in(ns: str, argv: Sequence[str], cgroup: str | None = None, **popen_kwargs: Any) -> subprocess.Popen[Any]:
+    """Start ``argv`` inside ``ns`` in its own process group (so it and its children can be killed).
+
+    With ``cgroup`` (an absolute cgroup v2 directory) the process joins it first:
+    `ip netns exec` remounts /sys, so joining from inside the namespace may not work.
+    """
     popen_kwargs.setdefault("stdin", subprocess.DEVNULL)
     popen_kwargs.setdefault("stdout", subprocess.DEVNULL)
-    return subprocess.Popen(["ip", "netns", "exec", ns, *argv], start_new_session=True, **popen_kwargs)
+    full = ["ip", "netns", "exec", ns, *argv]
+    if cgroup is not None:
+        full = ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', cgroup, *full]
+    return subprocess.Popen(full, start_new_session=True, **popen_kwargs)
 
 
 def _listening(ns: str, port: int, addr: str | None, proto: str) -> bool:
@@ -595,6 +602,7 @@ def background(
     *,
     proto: str = "tcp",
     timeout: float = 5.0,
+    cgroup: str | None = None,
 ) -> Iterator[subprocess.Popen[Any]]:
     """Run a server inside ``ns`` for the duration of the block.
 
@@ -604,7 +612,7 @@ def background(
     """
     addr, port = (None, ready_port) if isinstance(ready_port, int) else (ready_port or (None, None))
     with tempfile.TemporaryFile(mode="w+") as errf:
-        proc = spawn_in(ns, argv, stderr=errf)
+        proc = spawn_in(ns, argv, cgroup=cgroup, stderr=errf)
         try:
             if port is not None:
                 deadline = time.monotonic() + timeout

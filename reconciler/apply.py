@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from compiler.errors import ApplyError, KernelError
+from compiler.errors import ApplyError, KernelError, TemporaryError
 from compiler.objects import BPF_KINDS, NETLINK_KINDS, NFT_KINDS, BpfProgram, DesiredState
 
 from .observe import ObservedState, Target
@@ -75,6 +75,10 @@ def apply(target: Target, desired: DesiredState, plan: Plan | None = None,
         try:
             # The BPF driver undoes its own partial work before raising.
             operations += target.bpf.apply(desired.intent, bpf_actions, desired.objects)
+        except TemporaryError:
+            # Everything is in place but a runtime dependency (the proxy's listening
+            # socket is not there yet): keep what was applied; a later pass completes it.
+            raise
         except KernelError:
             _restore(target, observed, snapshot, netlink_actions, bool(nft_actions))
             raise

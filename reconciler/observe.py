@@ -9,12 +9,10 @@ ones its table records from earlier applies, so leftovers are swept).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from compiler.objects import (
-    BPF_PIN_ROOT,
     OWNED_TABLES_SET,
     KernelObject,
     NftElement,
@@ -65,7 +63,10 @@ class Target:
         return self._bpf
 
     def has_bpf_state(self, intent: str) -> bool:
-        return os.path.isdir(os.path.join(BPF_PIN_ROOT, intent))
+        """Whether the intent has BPF pins for this namespace (checked without importing bcc)."""
+        from .drivers.bpf import intent_pin_dir
+
+        return intent_pin_dir(intent, self.netns).is_dir()
 
     @property
     def label(self) -> str:

@@ -62,10 +62,7 @@ def desired_of(name: str, backend: str = "tproxy") -> DesiredState:
 
 @pytest.fixture(scope="module")
 def servers(lab: LabMap) -> Iterator[LabMap]:
-    with lab_mod.servers(lab), lab_mod.background(
-        lab.client_ns, traffic.command("tproxy", "--port", str(SIDECAR_PROXY_PORT), "--name", "sidecar"),
-        SIDECAR_PROXY_PORT,
-    ):
+    with lab_mod.servers(lab):
         yield lab
 
 
@@ -193,17 +190,21 @@ def test_outbound_interception_with_exclusions(servers: LabMap, backend: str) ->
     def app_get(host: str, **kw: object) -> dict:
         return lab_mod.client_get(servers, host, 8080, cgroup=cgroup, **kw)[0]  # type: ignore[arg-type]
 
+    proxy = traffic.command("tproxy", "--port", str(SIDECAR_PROXY_PORT), "--name", "sidecar")
     with Target(servers.client_ns) as client:
         apply(client, desired_of("sidecar-outbound.yaml", backend))
         try:
-            reply = app_get(servers.backends[0].v4)
-            assert reply.get("server") == "sidecar", reply
-            assert traffic.split_hostport(reply["original_dst"]) == (servers.backends[0].v4, 8080)
-            reply6 = app_get(servers.backends[0].v6)
-            assert reply6.get("server") == "sidecar" and servers.backends[0].v6 in reply6["original_dst"]
-            # excluded destination, and the proxy's own uid, go straight to the backend
-            assert app_get(servers.backends[2].v4).get("server") == "b3"
-            assert app_get(servers.backends[0].v4, uid=1337).get("server") == "b1"
+            # The ebpf backend answers SO_ORIGINAL_DST for sockets of its cgroup, so the proxy runs there
+            # too (in a real deployment as the excluded uid; this test proxy opens no connections itself).
+            with lab_mod.background(servers.client_ns, proxy, SIDECAR_PROXY_PORT, cgroup=cgroup):
+                reply = app_get(servers.backends[0].v4)
+                assert reply.get("server") == "sidecar", reply
+                assert traffic.split_hostport(reply["original_dst"]) == (servers.backends[0].v4, 8080)
+                reply6 = app_get(servers.backends[0].v6)
+                assert reply6.get("server") == "sidecar" and servers.backends[0].v6 in reply6["original_dst"]
+                # excluded destination, and the proxy's own uid, go straight to the backend
+                assert app_get(servers.backends[2].v4).get("server") == "b3"
+                assert app_get(servers.backends[0].v4, uid=1337).get("server") == "b1"
         finally:
             destroy(client, "sidecar")
 
