@@ -66,11 +66,11 @@ def run(backend: str | None = None, prefix: str = "kf", keep: bool = False) -> i
             _show(f"apply --quiet {EXAMPLE.name} --netns {m.gw_ns}", applied)
             if applied.returncode != 0:
                 return 1
-            _traffic(m, failures)
+            _traffic(m, failures, compile_intent(load_file(example).intent, backend).backend)
             again = _kernform("plan", example, *target, *backend_args, "--detailed-exitcode")
             _show(f"plan {EXAMPLE.name} --detailed-exitcode   (exit {again.returncode})", again)
             _check(again.returncode == 0, "a second plan finds nothing to change", failures)
-            _show(f"status --netns {m.gw_ns}", _kernform("status", *target))
+            _show(f"status {EXAMPLE.name} --netns {m.gw_ns}", _kernform("status", example, *target, *backend_args))
             if not keep:
                 _show(f"destroy {EXAMPLE.name}", _kernform("destroy", example, *target))
                 leftovers = _kernform("status", *target)
@@ -90,7 +90,18 @@ def _ok(replies: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in replies if "error" not in r]
 
 
-def _traffic(m: lab.LabMap, failures: list[str]) -> None:
+def _balanced(m: lab.LabMap, backend: str, host: str, port: int, count: int) -> list[dict[str, Any]]:
+    """tproxy balances traffic forwarded through the gateway; ebpf balances at connect() for processes in
+    the intent's cgroup, so with ebpf the demo's clients run on the gateway, inside that cgroup."""
+    if backend == "ebpf":
+        from reconciler.drivers.bpf import cgroup2_root
+
+        cgroup = str(cgroup2_root() / "kernform" / "edge-gateway")
+        return _ok(lab.client_get(m, host, port, count=count, ns=m.gw_ns, cgroup=cgroup))
+    return _ok(lab.client_get(m, host, port, count=count))
+
+
+def _traffic(m: lab.LabMap, failures: list[str], backend: str) -> None:
     _say("\n== interception: client -> 198.51.100.10:80 is handed to the gateway's transparent proxy")
     for host in (m.internet_v4, m.internet_v6):
         replies = lab.client_get(m, host, 80)
@@ -101,14 +112,16 @@ def _traffic(m: lab.LabMap, failures: list[str]) -> None:
                f"proxy saw client {reply.get('client_ip')} and original destination {reply.get('original_dst')}",
                failures)
 
-    _say("\n== load balancing: 200 connections to VIP 10.70.100.10:80 (weights b1:1 b2:2 b3:1)")
-    replies = _ok(lab.client_get(m, "10.70.100.10", 80, count=200))
+    where = "the gateway, in the intent's cgroup" if backend == "ebpf" else "the client, through the gateway"
+    _say(f"\n== load balancing: 200 connections to VIP 10.70.100.10:80 (weights b1:1 b2:2 b3:1) from {where}")
+    replies = _balanced(m, backend, "10.70.100.10", 80, 200)
     spread = collections.Counter(r["server"] for r in replies)
     _say(f"  hits per backend: {dict(sorted(spread.items()))}")
     _check(len(replies) == 200 and spread["b2"] > spread["b1"] and spread["b2"] > spread["b3"] and min(spread.values()) > 20,
            "hits follow the weights", failures)
-    _check(all(r["client_ip"] == m.client_v4 for r in replies), "backends saw the client's own address", failures)
-    replies6 = _ok(lab.client_get(m, "fd70:100::10", 80, count=20))
+    own = m.gw_bridge_v4.split("/")[0] if backend == "ebpf" else m.client_v4
+    _check(all(r["client_ip"] == own for r in replies), f"backends saw the client's own address {own}", failures)
+    replies6 = _balanced(m, backend, "fd70:100::10", 80, 20)
     sticky = {r["server"] for r in replies6}
     _say(f"  IPv6 VIP with source-hash: 20 connections went to {sorted(sticky)}")
     _check(len(replies6) == 20 and len(sticky) == 1, "source-hash keeps a client on one backend", failures)

@@ -323,3 +323,28 @@ def test_cli_plan_json_and_exit_codes(servers: LabMap, gw: Target, backend: str)
     status = cli("status", example, "--netns", servers.gw_ns, "--json", *b)
     report = json.loads(status.stdout)["intents"][0]
     assert report["inSync"] is True and "filtering.forward/deny-admin" in report["counters"]
+
+
+@pytest.mark.parametrize(("first", "second"), [("tproxy", "ebpf"), ("ebpf", "tproxy")])
+def test_switching_backends_leaves_nothing_of_the_old_one(servers: LabMap, gw: Target, first: str, second: str) -> None:
+    apply(gw, desired_of("edge-gateway.yaml", first))
+    plan, _ = make_plan(gw, desired_of("edge-gateway.yaml", second))
+    kinds_removed = {a.kind for a in plan.actions if a.op == "remove"}
+    kinds_added = {a.kind for a in plan.actions if a.op == "add"}
+    if first == "tproxy":
+        assert {"nft.chain", "nft.rule"} <= kinds_removed and "bpf.program" in kinds_added
+    else:
+        assert {"bpf.program", "bpf.entry"} <= kinds_removed and "nft.chain" in kinds_added
+    apply(gw, desired_of("edge-gateway.yaml", second))
+    ns = servers.gw_ns
+    ruleset = subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "table", "inet", "kernform-edge-gateway"],
+                             capture_output=True, text=True).stdout
+    tc = subprocess.run(["ip", "netns", "exec", ns, "tc", "filter", "show", "dev", "gw-client", "ingress"],
+                        capture_output=True, text=True).stdout
+    pins = [p for p in (Path(BPF_PIN_ROOT) / "edge-gateway").rglob("*")] if (Path(BPF_PIN_ROOT) / "edge-gateway").exists() else []
+    if second == "ebpf":
+        assert "chain" not in ruleset and "bpf" in tc
+    else:
+        assert "chain" in ruleset and "bpf" not in tc and not pins
+    (reply,) = get(servers, servers.internet_v4, 80)
+    assert reply.get("proxy") is True  # interception works after the switch
