@@ -348,3 +348,29 @@ def test_switching_backends_leaves_nothing_of_the_old_one(servers: LabMap, gw: T
         assert "chain" in ruleset and "bpf" not in tc and not pins
     (reply,) = get(servers, servers.internet_v4, 80)
     assert reply.get("proxy") is True  # interception works after the switch
+
+
+def test_interception_holds_up_when_client_ports_are_reused_during_time_wait(
+    servers: LabMap, applied: Target, backend: str
+) -> None:
+    # The proxy closes first, so the gateway holds every connection in TIME_WAIT for 60 s. With only 300
+    # client ports, 1,200 connections reuse each port four times while its TIME_WAIT entry is still there:
+    # tc + bpf_sk_assign never answers such a SYN; nft TPROXY and sk_lookup (the ebpf design) must.
+    ns = servers.client_ns
+    before = subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-n", "net.ipv4.ip_local_port_range"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_local_port_range=41000 41299"],
+                   check=True)
+    try:
+        replies = get(servers, servers.internet_v4, 80, count=1200, timeout=2.0)
+    finally:
+        subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw",
+                        f"net.ipv4.ip_local_port_range={before[0]} {before[1]}"], check=True)
+    failures = [r for r in replies if r.get("proxy") is not True]
+    assert len(replies) == 1200 and not failures, (len(failures), failures[:3])
+    ports = len({r["client_port"] for r in replies})
+    assert ports <= 300 and len(replies) >= 4 * ports  # every port used at least four times
+    # ... and the gateway held each port's last connection in TIME_WAIT, as it held the earlier ones
+    waiting = subprocess.run(["ip", "netns", "exec", servers.gw_ns, "ss", "-Htan", "state", "time-wait"],
+                             capture_output=True, text=True).stdout
+    assert sum(1 for line in waiting.splitlines() if ":80 " in line) >= 0.9 * ports
