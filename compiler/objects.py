@@ -8,6 +8,7 @@ object has a stable ObjectKey, unique within one intent.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 from collections.abc import Iterable, Iterator, Mapping
@@ -345,6 +346,11 @@ class DesiredState:
     routing_tables: frozenset[int] = frozenset()
 
     def by_key(self) -> dict[ObjectKey, KernelObject]:
+        """The objects by key, computed once: a daemon diffs the same desired state on every pass."""
+        return self._index
+
+    @functools.cached_property
+    def _index(self) -> dict[ObjectKey, KernelObject]:
         return index_by_key(self.objects)
 
     def of_kind(self, kind: str) -> Iterator[KernelObject]:
