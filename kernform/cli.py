@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from compiler import BACKENDS, compile_intent
+from compiler import BACKENDS, BackendUnavailable, compile_intent
 from compiler.errors import ApplyError, IntentError, KernformError
 from compiler.loader import LoadedIntent, load_file
 from compiler.objects import NFT_TABLE_PREFIX, count_by_kind
@@ -42,7 +42,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(exc, file=sys.stderr)
             status = 1
             continue
-        desired = compile_intent(loaded.intent, "tproxy")
+        try:
+            desired = compile_intent(loaded.intent, args.backend)
+        except BackendUnavailable as exc:
+            print(f"{path}: {exc}", file=sys.stderr)
+            status = 1
+            continue
         counts = count_by_kind(desired.objects)
         print(f"{path}: valid (intent {loaded.intent.metadata.name}, {sum(counts.values())} kernel objects)")
     return status
@@ -228,6 +233,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check intent files and report every problem as FILE:LINE:COL")
     p.add_argument("files", nargs="+", metavar="FILE")
+    with_backend(p)
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("compile", help="print the lowered artifacts (nft ruleset, ip rules and routes)")
