@@ -10,7 +10,7 @@ export DEBIAN_FRONTEND=noninteractive
 APT_PACKAGES=(
   iproute2 nftables python3-nftables iptables bpftool
   python3-bpfcc libbpfcc bpfcc-tools libbpf1 linux-headers-amd64
-  haproxy nginx-light wrk iperf3 socat curl python3-venv util-linux procps
+  haproxy nginx-light wrk iperf3 socat curl python3-venv util-linux procps gcc libc6-dev
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -60,7 +60,7 @@ echo "$(pwd)/.venv/debian-modules" > "$site/kernform-debian.pth"
 stamp=".venv/.kernform-installed"
 if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[dev]'
+  .venv/bin/python -m pip install -q -e '.[dev,bench]'
   touch "$stamp"
 fi
 echo "setup: ready (.venv)"
