@@ -9,9 +9,9 @@ then D C B A, ...), so slow drift of the machine hits every variant alike.
 Variants and where their load runs:
 - filter: client -> gateway -> server nginx:80, new connections (one request
   each) and keep-alive requests. none: no rules (measured at every N, as the
-  drift reference); iptables: FORWARD chain of N
-  DROP rules (linear); tproxy/ebpf: kernform, a deny rule holding N CIDRs
-  (nft interval set / tc program with an LPM trie).
+  drift reference); iptables: FORWARD chain of N DROP rules (linear);
+  tproxy/ebpf: kernform, a deny rule holding N CIDRs (nft interval set / tc
+  program with an LPM trie).
 - lb: a VIP over B backends, new connections. iptables: kube-proxy-style
   chain of B probability DNAT rules (client, forwarded); tproxy: nft DNAT
   through a map (client, forwarded; and `tproxy-local`, the load generator in
@@ -24,8 +24,9 @@ Variants and where their load runs:
   on :15001) in the gateway. none: the client connects to haproxy's own
   address (no interception); iptables: the documented TPROXY recipe
   (-m socket, TPROXY rules, fwmark routing); tproxy: kernform's nft TPROXY;
-  ebpf: kernform's sk_lookup; tproxy-synfix: kernform's tproxy state with
-  one rule changed by hand (see patch_syn_rule). haproxy closes first, so the gateway keeps a
+  ebpf: kernform's sk_lookup; tproxy-synfix (only while kernform's socket
+  rule still matches SYNs): kernform's tproxy state with that rule changed by
+  hand (see patch_syn_rule). haproxy closes first, so the gateway keeps a
   TIME_WAIT entry for every connection, while the client, with 1,024
   ephemeral ports, reuses each 4-tuple within a fraction of a second.
 """

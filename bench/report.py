@@ -157,15 +157,16 @@ def markdown(data: dict[str, Any]) -> str:
               "extra destinations")
         out.append("Latency of a new connection (connect() to the whole response, 32 in flight), p50 / p99 in ms, "
                    "at each scenario's largest N:\n")
-        out.append("| scenario (N) | " + " | ".join(["none", "none-local", "iptables", "tproxy", "tproxy-local", "ebpf",
-                                                   "tproxy-synfix"]) + " |")
-        out.append("|---|" + "---:|" * 7)
+        variants = [v for v in ("none", "none-local", "iptables", "tproxy", "tproxy-local", "ebpf", "tproxy-synfix")
+                    if any(r["variant"] == v and r["metric"] == "conn_rate" for r in rows)]
+        out.append("| scenario (N) | " + " | ".join(variants) + " |")
+        out.append("|---|" + "---:|" * len(variants))
         for scenario in ("filter", "lb", "interception"):
             ns = sorted({r["n"] for r in rows if r["scenario"] == scenario})
             if not ns:
                 continue
             cells = []
-            for v in ("none", "none-local", "iptables", "tproxy", "tproxy-local", "ebpf", "tproxy-synfix"):
+            for v in variants:
                 vns = [n for n in ns if _row(rows, scenario, "conn_rate", v, n)]
                 r = _row(rows, scenario, "conn_rate", v, ns[-1] if ns[-1] in vns else (vns[0] if vns else -1))
                 cells.append(f"{r['latency_us']['p50'] / 1000:.1f} / {r['latency_us']['p99'] / 1000:.1f}" if r else "")

@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for key, reason in skipped.items():
         print(f"SKIPPED {key}: {reason}")
-    print("Targets (issue #5):")
+    print("Targets (issue #5):" + ("  [--quick: 3 short repetitions, a smoke test of the benchmark; quote the full "
+                                   "run's figures, not these]" if args.quick else ""))
     print(report.render_targets(data["targets"]))
     print()
     print("Written: " + ", ".join(str(p.relative_to(Path.cwd()) if p.is_relative_to(Path.cwd()) else p)
