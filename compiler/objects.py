@@ -311,7 +311,12 @@ class BpfMapEntry:
         return ObjectKey(self.kind, f"{self.program}/{self.map} {self.key_hex}")
 
     def describe(self) -> str:
-        return f"map {self.program}/{self.map} {self.label or self.key_hex + ' -> ' + self.value_hex}"
+        label = self.label
+        if not label:
+            from .bpf_layout import label as decode
+
+            label = decode("", self.map, bytes.fromhex(self.key_hex), bytes.fromhex(self.value_hex))
+        return f"map {self.program}/{self.map} {label}"
 
 
 KernelObject = NftTable | NftCounter | NftSet | NftElement | NftChain | NftRule | IpRoute | IpRule | BpfProgram | BpfMapEntry

@@ -595,7 +595,9 @@ class BpfDriver:
                 except OSError as exc:
                     raise KernelError(f"cannot read map {path}: {exc.strerror}") from exc
             entries += [
-                BpfMapEntry(name, map_name, key.hex(), value.hex(), bpf_layout.label(source, map_name, key, value))
+                # No label here: observing tens of thousands of entries must stay cheap; describe() decodes
+                # the bytes only for the entries a plan or status actually prints.
+                BpfMapEntry(name, map_name, key.hex(), value.hex())
                 for key, value in pairs
             ]
         return entries
