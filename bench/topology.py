@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from kernform import lab
 
 PREFIX = "kfbench"
 NETNS_DIR = Path("/run/netns")
@@ -139,26 +140,13 @@ def ip_batch(ns: str | None, cmds: Sequence[str], *, force: bool = False, check:
 
 
 def spawn_in(ns: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
-    """A process in `ns`, in its own session so that it and its children can be stopped together."""
-    kw.setdefault("stdin", subprocess.DEVNULL)
-    kw.setdefault("stdout", subprocess.DEVNULL)
+    """A process in `ns`, in its own session (the lab's helper), with its output discarded unless redirected."""
     kw.setdefault("stderr", subprocess.DEVNULL)
-    return subprocess.Popen(["ip", "netns", "exec", ns, *argv], start_new_session=True, **kw)
+    return lab.spawn_in(ns, argv, **kw)
 
 
-def stop(proc: subprocess.Popen[Any], grace: float = 3.0) -> None:
-    """Stop a process started by spawn_in (by its process group id, which is its own pid)."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=grace)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+# The lab's: stops the whole process group, children included.
+stop = lab.stop
 
 
 def listening(ns: str, port: int) -> bool:

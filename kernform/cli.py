@@ -17,7 +17,7 @@ from typing import Any
 
 from compiler import BACKENDS, BackendUnavailable, compile_intent
 from compiler.errors import ApplyError, IntentError, KernformError
-from compiler.loader import LoadedIntent, load_file
+from compiler.loader import load_file
 from compiler.objects import NFT_TABLE_PREFIX, count_by_kind
 from compiler.render import render
 
@@ -29,15 +29,11 @@ def _colour(stream: Any) -> bool:
     return bool(getattr(stream, "isatty", lambda: False)()) and "NO_COLOR" not in os.environ
 
 
-def _load(path: str) -> LoadedIntent:
-    return load_file(path)
-
-
 def cmd_validate(args: argparse.Namespace) -> int:
     status = 0
     for path in args.files:
         try:
-            loaded = _load(path)
+            loaded = load_file(path)
         except IntentError as exc:
             print(exc, file=sys.stderr)
             status = 1
@@ -54,7 +50,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    loaded = _load(args.file)
+    loaded = load_file(args.file)
     desired = compile_intent(loaded.intent, args.backend)
     sys.stdout.write(render(desired))
     return 0
@@ -65,7 +61,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from reconciler.observe import Target
     from reconciler.plan import render_text
 
-    loaded = _load(args.file)
+    loaded = load_file(args.file)
     desired = compile_intent(loaded.intent, args.backend)
     with Target(args.netns) as target:
         plan, _ = make_plan(target, desired)
@@ -83,7 +79,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from reconciler.observe import Target
     from reconciler.plan import render_text
 
-    loaded = _load(args.file)
+    loaded = load_file(args.file)
     desired = compile_intent(loaded.intent, args.backend)
     with Target(args.netns) as target:
         plan, observed = make_plan(target, desired)
@@ -104,7 +100,7 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     from reconciler.apply import destroy
     from reconciler.observe import Target
 
-    name = args.intent or _load(args.file).intent.metadata.name
+    name = args.intent or load_file(args.file).intent.metadata.name
     with Target(args.netns) as target:
         result = destroy(target, name)
     if result.plan.empty:
@@ -133,7 +129,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     report: list[dict[str, Any]] = []
     with Target(args.netns) as target:
         if args.file:
-            loaded = _load(args.file)
+            loaded = load_file(args.file)
             names = [loaded.intent.metadata.name]
         else:
             names = [t[len(NFT_TABLE_PREFIX):] for t in target.nft.tables()]

@@ -49,12 +49,13 @@ from compiler.loader import parse_text
 from compiler.objects import DesiredState, count_by_kind, nft_table_name
 
 from .apply import apply, make_plan
+from .drivers.events import KernelEvents, WatchScope
 from .log import event
 from .metrics import DaemonMetrics
 from .netns import path_of
 from .observe import Target
 from .plan import Action, Plan
-from .watchers import Debouncer, FileWatcher, KernelEvents, WatchScope
+from .watchers import Debouncer, FileWatcher
 
 log = logging.getLogger("kernform.watch")
 

@@ -27,8 +27,9 @@ def test_compiled_output_matches_golden_file(path: Path, backend: str) -> None:
     # The program digests cover bpf/ sources: golden files pin the lowering, not the C.
     text = re.sub(r"(digest\s+)[0-9a-f]{16}", r"\1<digest>", text)
     golden = GOLDEN / f"{path.stem}.{backend}.txt"
-    if os.environ.get("KERNFORM_UPDATE_GOLDEN") or not golden.exists():
+    if os.environ.get("KERNFORM_UPDATE_GOLDEN"):
         golden.write_text(text)
+    assert golden.exists(), f"no golden file {golden}: KERNFORM_UPDATE_GOLDEN=1 writes it"
     assert text == golden.read_text(), f"compiled output changed: KERNFORM_UPDATE_GOLDEN=1 to accept ({golden})"
 
 

@@ -15,20 +15,19 @@ from pathlib import Path
 import pytest
 
 from compiler.objects import RTPROT_KERNFORM
-from reconciler.metrics import MetricsError, parse_address
-from reconciler.watchers import (
+from reconciler.drivers.events import (
     NFNL_SUBSYS_NFTABLES,
     NFT_MSG_NEWGEN,
     RTM_DELROUTE,
     RTM_DELRULE,
     RTM_NEWLINK,
-    Debouncer,
-    FileWatcher,
     NftBatchReader,
     WatchScope,
     netlink_messages,
     route_event,
 )
+from reconciler.metrics import MetricsError, parse_address
+from reconciler.watchers import Debouncer, FileWatcher
 
 TIMEOUT = 5.0
 
