@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .errors import BackendUnavailable
 from .intent import NetworkIntent
-from .objects import DesiredState
+from .objects import DesiredState, begin_compile
 
 BACKENDS = ("tproxy", "ebpf")
 __all__ = ["BACKENDS", "BackendUnavailable", "compile_intent"]
@@ -13,6 +13,7 @@ __all__ = ["BACKENDS", "BackendUnavailable", "compile_intent"]
 def compile_intent(intent: NetworkIntent, backend: str | None = None) -> DesiredState:
     """Lower `intent` for `backend` (default: the intent's spec.backend)."""
     chosen = backend or intent.spec.backend
+    begin_compile()
     if chosen == "tproxy":
         from . import tproxy
 

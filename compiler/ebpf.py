@@ -47,6 +47,7 @@ from .objects import (
     ip_route,
     ip_rule,
     nft_table_name,
+    shared,
 )
 from .routing import lower_routing
 
@@ -106,8 +107,8 @@ class _Program:
     entries: list[BpfMapEntry] = field(default_factory=list)
 
     def entry(self, map_name: str, key: bytes, value: bytes, origin: str) -> None:
-        self.entries.append(BpfMapEntry(self.name, map_name, key.hex(), value.hex(),
-                                        L.label(self.source, map_name, key, value), origin))
+        # No label: describe() decodes one only for the entries that get printed.
+        self.entries.append(shared(BpfMapEntry, self.name, map_name, key.hex(), value.hex(), "", origin))
 
     def lpm(self, map_prefix: str, prefix_bits: dict[Network, int], words: int, origin: str) -> None:
         for network, bits in sorted(lpm_values(prefix_bits).items(), key=lambda i: (i[0].version, str(i[0]))):
@@ -155,7 +156,7 @@ def compile_intent(intent: NetworkIntent) -> DesiredState:
     decl = "type mark;"
     meta: list[KernelObject] = [NftTable(table, origin="intent"),
                                 NftSet(table, OWNED_TABLES_SET, digest(decl), False, decl, "ownership record")]
-    meta += [NftElement(table, OWNED_TABLES_SET, str(t), None, "ownership record") for t in owned]
+    meta += [shared(NftElement, table, OWNED_TABLES_SET, str(t), None, "ownership record") for t in owned]
     objects: list[KernelObject] = [*meta, *routing, *programs, *entries]
     return DesiredState(name, BACKEND, tuple(objects), frozenset(owned))
 

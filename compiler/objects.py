@@ -11,9 +11,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import ipaddress
-from collections.abc import Iterable, Iterator, Mapping
+import operator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 # kernform's own routing protocol number (see /etc/iproute2/rt_protos): the
 # kernel stores it on every ip rule and route we create, and it is how a fresh
@@ -25,6 +26,7 @@ NFT_FAMILY = "inet"
 # Set in our nft table listing the routing tables this intent owns; the kernel
 # keeps it, so a fresh process can sweep routes of tables that left the intent.
 OWNED_TABLES_SET = "owned_routing_tables"
+_T = TypeVar("_T")
 
 
 def nft_table_name(intent_name: str) -> str:
@@ -36,8 +38,53 @@ def digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-@dataclass(frozen=True, order=True)
-class ObjectKey:
+class _computed_once:  # noqa: N801 - used like functools.cached_property
+    """functools.cached_property without its lock (Python 3.11 takes one on every first access, which
+    costs more than the key itself when a diff indexes tens of thousands of objects)."""
+
+    def __init__(self, method: Callable[[Any], Any]) -> None:
+        self.method = method
+        self.name = method.__name__
+        self.__doc__ = method.__doc__
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.method(obj)
+        return value
+
+
+_RECENT: list[dict[tuple[Any, ...], Any]] = [{}, {}]
+_KEY_OF = operator.attrgetter("key")
+
+
+def begin_compile() -> None:
+    """Start a compile: objects made by the one before it stay shareable (see `shared`), older ones go."""
+    _RECENT[:] = [{}, _RECENT[0]]
+
+
+def shared(cls: type[_T], *fields: Any) -> _T:
+    """`cls(*fields)`, or the equal object an earlier compile made.
+
+    Successive compiles of a slightly changed intent then hand out the very same
+    objects for everything unchanged, and a diff settles those by identity
+    (reconciler.plan.diff) instead of comparing tens of thousands of fields.
+    """
+    key = (cls, *fields)
+    current, previous = _RECENT
+    obj = current.get(key)
+    if obj is None:
+        obj = previous.get(key)
+        if obj is None:
+            obj = cls(*fields)
+        current[key] = obj
+    return obj
+
+
+class ObjectKey(NamedTuple):
+    """(kind, name). A tuple of two strings, so hashing and comparing keys, which a
+    diff of tens of thousands of map entries does for each one, runs in C."""
+
     kind: str
     name: str
 
@@ -51,7 +98,7 @@ class NftTable:
     name: str
     origin: str = field(default="", compare=False)
 
-    @property
+    @_computed_once
     def key(self) -> ObjectKey:
         return ObjectKey(self.kind, self.name)
 
@@ -70,7 +117,7 @@ class NftCounter:
     packets: int = field(default=0, compare=False)
     bytes: int = field(default=0, compare=False)
 
-    @property
+    @_computed_once
     def key(self) -> ObjectKey:
         return ObjectKey(self.kind, self.name)
 
@@ -90,7 +137,7 @@ class NftSet:
     declaration: str = field(default="", compare=False)
     origin: str = field(default="", compare=False)
 
-    @property
+    @_computed_once
     def key(self) -> ObjectKey:
         return ObjectKey(self.kind, self.name)
 
@@ -110,7 +157,7 @@ class NftElement:
     value: str | None = None
     origin: str = field(default="", compare=False)
 
-    @property
+    @_computed_once
     def key(self) -> ObjectKey:
         return ObjectKey(self.kind, f"{self.set} {self.element}")
 
@@ -130,7 +177,7 @@ class NftChain:
     policy: str = "accept"
     origin: str = field(default="", compare=False)
 
-    @property
+    @_computed_once
     def key(self) -> ObjectKey:
         return ObjectKey(self.kind, self.name)
 
@@ -155,7 +202,7 @@ class NftRule:
     sets: tuple[str, ...] = field(default=(), compare=False)
     origin: str = field(default="", compare=False)
 
-    @property
+    @_computed_once
     def key(self) -> ObjectKey:
         return ObjectKey(self.kind, f"{self.chain}/{self.rule_id}")
 
@@ -191,7 +238,7 @@ class IpRoute:
     nexthops: tuple[Nexthop, ...] = ()
     origin: str = field(default="", compare=False)
 
-    @property
+    @_computed_once
     def key(self) -> ObjectKey:
         return ObjectKey(self.kind, f"table {self.table} {self.destination} metric {self.metric}")
 
@@ -228,7 +275,7 @@ class IpRule:
     uid_range: tuple[int, int] | None = None
     origin: str = field(default="", compare=False)
 
-    @property
+    @_computed_once
     def key(self) -> ObjectKey:
         return ObjectKey(self.kind, self.describe())
 
@@ -280,7 +327,7 @@ class BpfProgram:
     digest: str
     origin: str = field(default="", compare=False)
 
-    @property
+    @_computed_once
     def key(self) -> ObjectKey:
         return ObjectKey(self.kind, self.name)
 
@@ -306,17 +353,20 @@ class BpfMapEntry:
     label: str = field(default="", compare=False)
     origin: str = field(default="", compare=False)
 
-    @property
+    @_computed_once
     def key(self) -> ObjectKey:
         return ObjectKey(self.kind, f"{self.program}/{self.map} {self.key_hex}")
 
-    def describe(self) -> str:
-        label = self.label
-        if not label:
-            from .bpf_layout import label as decode
+    def readable(self) -> str:
+        """The entry as text: `label`, or decoded from the bytes when it was not given."""
+        if self.label:
+            return self.label
+        from .bpf_layout import label as decode
 
-            label = decode("", self.map, bytes.fromhex(self.key_hex), bytes.fromhex(self.value_hex))
-        return f"map {self.program}/{self.map} {label}"
+        return decode("", self.map, bytes.fromhex(self.key_hex), bytes.fromhex(self.value_hex))
+
+    def describe(self) -> str:
+        return f"map {self.program}/{self.map} {self.readable()}"
 
 
 KernelObject = NftTable | NftCounter | NftSet | NftElement | NftChain | NftRule | IpRoute | IpRule | BpfProgram | BpfMapEntry
@@ -363,6 +413,12 @@ class DesiredState:
 
 
 def index_by_key(objects: Iterable[KernelObject]) -> dict[ObjectKey, KernelObject]:
+    objects = tuple(objects)
+    # Built by C iteration (keys of shared objects are computed already); the loop below only
+    # runs to name the duplicate when there is one.
+    index: dict[ObjectKey, KernelObject] = dict(zip(map(_KEY_OF, objects), objects, strict=True))
+    if len(index) == len(objects):
+        return index
     result: dict[ObjectKey, KernelObject] = {}
     for obj in objects:
         if obj.key in result:

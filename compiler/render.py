@@ -93,7 +93,7 @@ def render_bpf(desired: DesiredState, max_entries: int = MAX_ELEMENTS_SHOWN) -> 
                 continue
             lines.append(f"\tmap {map_name} ({len(items)} entries)")
             for entry in items[:max_entries]:
-                lines.append(f"\t\t{entry.label}   # {entry.origin}")
+                lines.append(f"\t\t{entry.readable()}   # {entry.origin}")
             if len(items) > max_entries:
                 lines.append(f"\t\t... {len(items) - max_entries} more")
     return "\n".join(lines) + ("\n" if lines else "")

@@ -39,6 +39,7 @@ from .objects import (
     ip_route,
     ip_rule,
     nft_table_name,
+    shared,
 )
 from .routing import lower_routing, parse_mark
 
@@ -92,7 +93,7 @@ class _Builder:
     def cidr_set(self, name: str, family: int, cidrs: list[str], origin: str) -> str:
         decl = f"type {_FAMILY[family][1]}; flags interval;"
         self.objects.append(NftSet(self.table, name, digest(decl), False, decl, origin))
-        self.objects += [NftElement(self.table, name, c, None, origin) for c in cidrs]
+        self.objects += [shared(NftElement, self.table, name, c, None, origin) for c in cidrs]
         return "@" + name
 
     def counter(self, name: str, origin: str) -> str:
@@ -133,7 +134,7 @@ def compile_intent(intent: NetworkIntent) -> DesiredState:
     decl = "type mark;"
     meta: list[KernelObject] = [NftTable(table, origin="intent")]
     meta.append(NftSet(table, OWNED_TABLES_SET, digest(decl), False, decl, "ownership record"))
-    meta += [NftElement(table, OWNED_TABLES_SET, str(t), None, "ownership record") for t in owned_tables]
+    meta += [shared(NftElement, table, OWNED_TABLES_SET, str(t), None, "ownership record") for t in owned_tables]
     objects = meta + builder.objects + builder.chains() + routing_objects
     return DesiredState(
         intent=name, backend=BACKEND, objects=tuple(objects), routing_tables=frozenset(owned_tables)
@@ -320,7 +321,7 @@ def _service(service: Service, b: _Builder) -> None:
     # `typeof jhash ...` map, and listing is how apply snapshots for rollback.
     decl = f"typeof numgen random mod 1 : {l3} daddr . {service.protocol} dport; flags interval;"
     b.objects.append(NftSet(b.table, map_name, digest(decl), True, decl, origin))
-    b.objects += [NftElement(b.table, map_name, key, value, origin) for key, value in elements]
+    b.objects += [shared(NftElement, b.table, map_name, key, value, origin) for key, value in elements]
     counter = b.counter(f"lb_{service.name}", origin)
     text = (
         f"{l3} daddr {service.vip} {service.protocol} dport {service.port} {counter} "

@@ -14,8 +14,9 @@ import time
 from dataclasses import dataclass
 
 from compiler.errors import ApplyError, KernelError, TemporaryError
-from compiler.objects import BPF_KINDS, NETLINK_KINDS, NFT_KINDS, BpfProgram, DesiredState
+from compiler.objects import BPF_KINDS, NETLINK_KINDS, NFT_KINDS, BpfProgram, DesiredState, NftElement
 
+from .drivers.nfnetlink import GenerationChanged
 from .observe import ObservedState, Target
 from .plan import Action, Plan, diff
 
@@ -49,24 +50,39 @@ def inverse(actions: tuple[Action, ...]) -> tuple[Action, ...]:
 
 def apply(target: Target, desired: DesiredState, plan: Plan | None = None,
           observed: ObservedState | None = None) -> ApplyResult:
-    """Make the kernel hold `desired`; with a plan (and its observation) given, execute exactly that plan."""
+    """Make the kernel hold `desired`; with a plan (and its observation) given, execute exactly that plan
+    (unless the nft table changed since that observation: then a fresh plan is made and executed)."""
     started = time.perf_counter()
     if plan is None or observed is None:
         plan, observed = make_plan(target, desired)
+    try:
+        return _apply(target, desired, plan, observed, started)
+    except GenerationChanged:
+        # Someone committed an nft transaction after we observed; nothing of ours was left applied.
+        target.forget()
+        plan, observed = make_plan(target, desired)
+        return _apply(target, desired, plan, observed, started)
+
+
+def _apply(target: Target, desired: DesiredState, plan: Plan, observed: ObservedState, started: float) -> ApplyResult:
     if plan.empty:
         return ApplyResult(plan, 0, time.perf_counter() - started)
     netlink_actions = plan.of_kinds(NETLINK_KINDS)
     nft_actions = plan.of_kinds(NFT_KINDS)
     bpf_actions = plan.of_kinds(BPF_KINDS)
-    programs = [o for o in desired.objects if isinstance(o, BpfProgram)]
-    if programs and any(a.kind == BpfProgram.kind and a.op != "remove" for a in bpf_actions):
+    if any(a.kind == BpfProgram.kind and a.op != "remove" for a in bpf_actions):
+        programs = [o for o in desired.objects if isinstance(o, BpfProgram)]
         # Before loading anything: a kernel without a needed feature fails here, by name.
-        target.bpf.probe(programs)
-    # The text snapshot is the way back if verification fails; only needed when nft changes.
-    snapshot = target.nft.snapshot(observed.nft.table) if nft_actions and observed.nft.exists else None
+        if programs:
+            target.bpf.probe(programs)
+    # The text snapshot is the way back if verification fails; only needed when nft changes, and not
+    # for a plan of element additions and removals, which inverse actions undo exactly.
+    elements_only = all(a.kind == NftElement.kind and a.op != "change" for a in nft_actions)
+    snapshot = (target.nft.snapshot(observed.nft.table)
+                if nft_actions and observed.nft.exists and not elements_only else None)
     operations = target.netlink.apply(netlink_actions) if netlink_actions else 0
     try:
-        operations += target.nft.apply(nft_actions, desired.objects, observed.nft)
+        operations += target.nft.apply(nft_actions, desired.objects, observed.nft, desired.by_key())
     except KernelError:
         if netlink_actions:
             target.netlink.apply(inverse(netlink_actions))
@@ -80,22 +96,28 @@ def apply(target: Target, desired: DesiredState, plan: Plan | None = None,
             # socket is not there yet): keep what was applied; a later pass completes it.
             raise
         except KernelError:
-            _restore(target, observed, snapshot, netlink_actions, bool(nft_actions))
+            _restore(target, desired, observed, snapshot, netlink_actions, nft_actions, elements_only)
             raise
     residual, _ = make_plan(target, desired)
     if not residual.empty:
-        _restore(target, observed, snapshot, netlink_actions, bool(nft_actions))
+        _restore(target, desired, observed, snapshot, netlink_actions, nft_actions, elements_only)
         raise ApplyError(
             f"the kernel does not hold the desired state after applying ({len(residual.actions)} differences); "
             "the previous state was restored",
             residual,
         )
+    target.adopt(desired.by_key())
     return ApplyResult(plan, operations, time.perf_counter() - started)
 
 
-def _restore(target: Target, observed: ObservedState, snapshot: str | None,
-             netlink_actions: tuple[Action, ...], nft_changed: bool = True) -> None:
-    if nft_changed:
+def _restore(target: Target, desired: DesiredState, observed: ObservedState, snapshot: str | None,
+             netlink_actions: tuple[Action, ...], nft_actions: tuple[Action, ...], elements_only: bool) -> None:
+    target.forget()
+    if nft_actions and elements_only:
+        now = target.nft.observe(observed.nft.table)
+        undo = [a for a in inverse(nft_actions) if (a.op == "remove") == (a.key in now.index)]
+        target.nft.apply(undo, desired.objects, now, desired.by_key())
+    elif nft_actions:
         target.nft.restore(observed.nft.table, snapshot)
     if netlink_actions:
         target.netlink.apply(inverse(netlink_actions))

@@ -6,7 +6,8 @@ marks the state dirty (`watchers.Debouncer`); the worker thread then loads the
 file, compiles it, observes the kernel, diffs and applies. A fresh process
 with the same file reaches the same state.
 
-What the daemon keeps between passes is only what makes it safe and cheap:
+What the daemon keeps between passes is only what makes it safe and cheap
+(besides the drivers' last observation, see observe.Target.forget):
 - the last good desired state: while the file is invalid or missing, the
   kernel keeps exactly what it holds, and drift is repaired towards that
   last good state; nothing is ever removed because a file went bad;
@@ -381,6 +382,11 @@ class Daemon:
         self.metrics.info.clear()
         self.metrics.info.labels(desired.intent, target.label, desired.backend).set(1)
         self.metrics.desired_objects.set(len(desired.objects))
+        if {r.split(" ", 1)[0] for r in reasons} != {"file"}:
+            # Drift, a resync, a signal or a retry: read every object again. A pass for a changed
+            # file may diff against what the last pass verified (BPF map entries; nft only while
+            # the ruleset generation is unchanged), which is what keeps it fast.
+            target.forget()
         plan, observed = make_plan(target, desired)
         repair = state.converged is not None and desired == state.converged
         if not plan.empty:

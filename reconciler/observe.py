@@ -9,6 +9,8 @@ ones its table records from earlier applies, so leftovers are swept).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -35,13 +37,23 @@ class ObservedState:
     netlink: tuple[KernelObject, ...]
     routing_tables: frozenset[int]
     bpf: tuple[KernelObject, ...] = ()
+    bpf_index: Mapping[ObjectKey, KernelObject] | None = None
 
     @property
     def objects(self) -> tuple[KernelObject, ...]:
         return self.nft.objects + self.netlink + self.bpf
 
     def by_key(self) -> dict[ObjectKey, KernelObject]:
-        return index_by_key(self.objects)
+        return self._index
+
+    @functools.cached_property
+    def _index(self) -> dict[ObjectKey, KernelObject]:
+        # The nft part is indexed once per observation and kept by the driver with it.
+        index = dict(self.nft.index)
+        # Kinds differ between the parts, so their keys cannot collide.
+        index.update(index_by_key(self.netlink))
+        index.update(self.bpf_index if self.bpf_index is not None else index_by_key(self.bpf))
+        return index
 
 
 class Target:
@@ -72,7 +84,20 @@ class Target:
     def label(self) -> str:
         return f"netns {self.netns}" if self.netns else "host"
 
+    def forget(self) -> None:
+        """Read everything from the kernel on the next observe, trusting nothing kept from earlier passes."""
+        self.nft.forget()
+        if self._bpf is not None:
+            self._bpf.forget()
+
+    def adopt(self, desired: Mapping[ObjectKey, KernelObject]) -> None:
+        """The kernel was just verified to hold `desired` (see NftDriver.adopt)."""
+        self.nft.adopt(desired)
+        if self._bpf is not None:
+            self._bpf.adopt(desired)
+
     def close(self) -> None:
+        self.nft.close()
         self.netlink.close()
         if self._bpf is not None:
             self._bpf.close()
@@ -91,5 +116,5 @@ class Target:
         }
         tables = frozenset(recorded | set(wanted_tables))
         netlink = tuple(self.netlink.observe(tables)) if tables else ()
-        programs = tuple(self.bpf.observe(intent)) if bpf or self.has_bpf_state(intent) else ()
-        return ObservedState(intent, nft, netlink, tables, programs)
+        bpf_index = self.bpf.observe_index(intent) if bpf or self.has_bpf_state(intent) else {}
+        return ObservedState(intent, nft, netlink, tables, tuple(bpf_index.values()), bpf_index)

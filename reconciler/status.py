@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from compiler import bpf_layout
-from compiler.objects import BpfMapEntry, DesiredState, NftCounter
+from compiler.objects import BpfMapEntry, DesiredState, NftCounter, nft_table_name
 
 from .observe import Target
 
@@ -20,7 +20,7 @@ from .observe import Target
 def rule_counters(target: Target, desired: DesiredState) -> dict[str, dict[str, int]]:
     if desired.backend == "ebpf":
         return _bpf_counters(target, desired)
-    observed = target.observe(desired.intent).nft.counters
+    observed = target.nft.counters(nft_table_name(desired.intent))
     result: dict[str, dict[str, int]] = {}
     for obj in desired.objects:
         if isinstance(obj, NftCounter) and obj.name in observed:

@@ -93,14 +93,14 @@ import struct
 import tempfile
 import threading
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from compiler import bpf_layout
 from compiler.errors import InternalError, KernelError, TemporaryError
-from compiler.objects import BPF_KINDS, BPF_PIN_ROOT, BpfMapEntry, BpfProgram, KernelObject
+from compiler.objects import BPF_KINDS, BPF_PIN_ROOT, BpfMapEntry, BpfProgram, KernelObject, ObjectKey
 
 from ..netns import entered, path_of
 from ..plan import Action
@@ -425,6 +425,27 @@ class BpfDriver:
         self._probed: set[tuple[str, str]] = set()
         self._missing_proxies: list[str] = []
         self._open_maps: list[libbpf.Map] = []
+        # Configuration entries read or written last, per (program, pin directory digest), by key.
+        # BPF maps have no generation or change notification to validate a kept copy with, so it is
+        # used only until forget() (the daemon forgets before every resync and kernel-triggered pass);
+        # the sockmaps, whose entries vanish when a proxy closes its socket, are read every time.
+        self._known_entries: dict[tuple[str, str], dict[str, dict[ObjectKey, BpfMapEntry]]] = {}
+        self._adopted: set[tuple[str, str]] = set()  # kept entries that are the desired objects themselves
+
+    def forget(self) -> None:
+        """Read every map again on the next observe."""
+        self._known_entries.clear()
+        self._adopted.clear()
+
+    def adopt(self, desired: Mapping[ObjectKey, KernelObject]) -> None:
+        """The kernel was verified to hold `desired`: keep the desired entries themselves (see NftDriver.adopt)."""
+        for program, maps in self._known_entries.items():
+            if program in self._adopted:
+                continue
+            for kept in maps.values():
+                keys = list(kept)
+                kept.update(zip(keys, map(desired.get, keys, kept.values()), strict=True))  # type: ignore[arg-type]
+            self._adopted.add(program)
 
     def close(self) -> None:
         if self._netns_fd >= 0:
@@ -519,7 +540,13 @@ class BpfDriver:
     # ================================================================ observe
     def observe(self, intent: str) -> list[BpfProgram | BpfMapEntry]:
         """Our programs of `intent` (attachments: the ones live now) and their configuration entries."""
-        result: list[BpfProgram | BpfMapEntry] = []
+        return list(self.observe_index(intent).values())
+
+    def observe_index(self, intent: str) -> dict[ObjectKey, BpfProgram | BpfMapEntry]:
+        """`observe`, by key. Programs and attachments are always read; entries may be the kept ones."""
+        result: dict[ObjectKey, BpfProgram | BpfMapEntry] = {}
+        known = self._known_entries
+        self._known_entries = {}
         for name, dirs in sorted(self._program_dirs(intent).items()):
             ranked = []
             for pdir in dirs:
@@ -535,9 +562,22 @@ class BpfDriver:
                 digest = primary.digest + "+incomplete"
             else:
                 digest = primary.digest
-            result.append(BpfProgram(name, source or "", tuple(sorted(live)), primary.cflags(), digest))
-            if source is not None:
-                result += self._read_entries(name, source, primary)
+            program = BpfProgram(name, source or "", tuple(sorted(live)), primary.cflags(), digest)
+            result[program.key] = program
+            if source is None:
+                continue
+            kept = known.get((name, digest))
+            fresh = self._read_entries(name, source, primary, None if kept is None else PROXY_FAMILIES)
+            maps: dict[str, dict[ObjectKey, BpfMapEntry]] = (
+                {} if kept is None else {m: entries for m, entries in kept.items() if m not in PROXY_FAMILIES})
+            for entry in fresh:
+                maps.setdefault(entry.map, {})[entry.key] = entry
+            if kept is None or any(m in PROXY_FAMILIES for m in maps):
+                self._adopted.discard((name, digest))
+            self._known_entries[(name, digest)] = maps
+            for entries in maps.values():
+                result.update(entries)
+        self._adopted &= set(self._known_entries)
         return result
 
     def pin_dir(self, intent: str) -> Path:
@@ -579,9 +619,12 @@ class BpfDriver:
         return live
 
     # ---------------------------------------------------------------- entries
-    def _read_entries(self, name: str, source: str, pdir: _PinDir) -> list[BpfMapEntry]:
+    def _read_entries(self, name: str, source: str, pdir: _PinDir,
+                      only: Container[str] | None = None) -> list[BpfMapEntry]:
         entries: list[BpfMapEntry] = []
         for map_name in bpf_layout.CONFIG_MAPS.get(source, ()):
+            if only is not None and map_name not in only:
+                continue
             path = pdir.maps / map_name
             try:
                 bpf_map = libbpf.Map.open(str(path))
@@ -664,12 +707,8 @@ class BpfDriver:
         actions = [a for a in actions if a.kind in BPF_KINDS]
         if not actions:
             return 0
-        desired_list = [o for o in desired if o.kind in BPF_KINDS]
-        programs = {o.name: o for o in desired_list if isinstance(o, BpfProgram)}
-        wanted_entries: dict[str, list[BpfMapEntry]] = {}
-        for obj in desired_list:
-            if isinstance(obj, BpfMapEntry):
-                wanted_entries.setdefault(obj.program, []).append(obj)
+        desired = tuple(desired)
+        programs = {o.name: o for o in desired if isinstance(o, BpfProgram)}
         ensure_bpffs()
         journal = _Journal()
         self._missing_proxies = []
@@ -692,6 +731,11 @@ class BpfDriver:
                     count += ops
 
             # 2. entries
+            wanted_entries: dict[str, list[BpfMapEntry]] = {}
+            if any(item.fresh_entries for item in loaded.values()):
+                for obj in desired:
+                    if isinstance(obj, BpfMapEntry):
+                        wanted_entries.setdefault(obj.program, []).append(obj)
             for item in loaded.values():
                 if item.fresh_entries:
                     count += self._sync_entries(item, wanted_entries.get(item.program.name, []), journal)
@@ -731,6 +775,7 @@ class BpfDriver:
             for pdir in removals:
                 count += self._detach_dir(intent, pdir, kept_links, journal)
         except BaseException as exc:
+            self._known_entries.clear()
             failures = journal.roll_back()
             self._release(loaded)
             note = ("; what was done before was undone" if not failures
@@ -742,6 +787,7 @@ class BpfDriver:
             raise
         journal.commit()
         self._release(loaded)
+        self._remember(loaded, programs, entry_changes)
         # Past the point of no return: nothing above needs the old pins any more.
         for pdir in removals:
             count += self._remove_dir(pdir)
@@ -751,6 +797,21 @@ class BpfDriver:
         if self._missing_proxies:
             raise TemporaryError("; ".join(self._missing_proxies) + " (everything else was applied)")
         return count
+
+    def _remember(self, loaded: dict[str, _Loaded], programs: dict[str, BpfProgram],
+                  entry_changes: dict[str, list[tuple[BpfMapEntry | None, BpfMapEntry | None]]]) -> None:
+        """Keep the entries this apply wrote: the kernel stores map updates exactly as given."""
+        for key in [k for k in self._known_entries if k[0] in loaded]:
+            del self._known_entries[key]
+        for name, changes in entry_changes.items():
+            kept = self._known_entries.get((name, programs[name].digest))
+            if kept is None:
+                continue
+            for old, new in changes:
+                if new is not None:
+                    kept.setdefault(new.map, {})[new.key] = new
+                elif old is not None:
+                    kept.get(old.map, {}).pop(old.key, None)
 
     def _release(self, loaded: dict[str, _Loaded]) -> None:
         for item in loaded.values():

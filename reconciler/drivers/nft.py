@@ -6,12 +6,23 @@ read for diffing, changed or deleted, even when it hooks the same places.
 
 Writes are text commands handed to libnftables as one buffer, which the kernel
 applies as one atomic transaction: either the whole change lands or nothing
-does. Reads use nft's JSON output. Rules and sets carry `kf:` comments with a
-digest of what we wrote, so reading back needs no parser of nft expressions.
+does; a plan that only adds or removes elements of address interval sets goes
+straight to the kernel as one raw batch instead (nfnetlink.py: libnftables
+would first load each whole set). Reads use nft's JSON output. Rules and sets
+carry `kf:` comments with a digest of what we wrote, so reading back needs no
+parser of nft expressions.
+
+The last observation is kept with the ruleset generation it was read at: the
+next `observe` reads the generation (one netlink round trip) and lists the
+table again only if any nft transaction has committed since. After a raw batch
+that moved the generation by exactly one, the kept observation is updated with
+the batch's elements instead of being listed again: the kernel refuses a batch
+tagged with a stale generation, so nothing else can have happened in between.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -30,10 +41,13 @@ from compiler.objects import (
     NftSet,
     NftTable,
     ObjectKey,
+    index_by_key,
 )
 
 from ..netns import entered
 from ..plan import Action
+from . import nfnetlink
+from .nfnetlink import NfTablesSocket
 
 # Debian ships the libnftables binding outside the venv's path.
 if "/usr/lib/python3/dist-packages" not in sys.path:
@@ -45,16 +59,34 @@ ELEMENTS_PER_COMMAND = 4000
 
 @dataclass(frozen=True)
 class NftObservation:
-    """Our table as the kernel holds it: objects to diff, and the raw listing to restore from."""
+    """Our table as the kernel holds it (at ruleset `generation`, when known): objects to diff."""
 
     table: str
     objects: tuple[KernelObject, ...]
     snapshot: tuple[dict[str, Any], ...] | None
     counters: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    generation: int | None = None
 
     @property
     def exists(self) -> bool:
         return self.snapshot is not None
+
+    @functools.cached_property
+    def index(self) -> dict[ObjectKey, KernelObject]:
+        return index_by_key(self.objects)
+
+    def with_elements(self, actions: Sequence[Action], generation: int) -> NftObservation:
+        """This observation after element `actions` were carried out, at `generation`."""
+        index = dict(self.index)
+        for action in actions:
+            if action.op == "remove":
+                del index[action.key]
+            else:
+                assert action.new is not None
+                index[action.key] = action.new
+        updated = NftObservation(self.table, tuple(index.values()), self.snapshot, self.counters, generation)
+        updated.__dict__["index"] = index
+        return updated
 
 
 class NftDriver:
@@ -66,7 +98,36 @@ class NftDriver:
         self._nft.set_json_output(True)
         self._nft.set_handle_output(True)
         self._text: nftables.Nftables | None = None
+        self._raw: NfTablesSocket | None = None
+        self._known: NftObservation | None = None
+        self._adopted: NftObservation | None = None
         self.operations = 0
+
+    @property
+    def raw(self) -> NfTablesSocket:
+        if self._raw is None:
+            self._raw = NfTablesSocket(self.netns)
+        return self._raw
+
+    def close(self) -> None:
+        if self._raw is not None:
+            self._raw.close()
+            self._raw = None
+
+    def forget(self) -> None:
+        """List the table again on the next observe, whatever the generation says."""
+        self._known = None
+
+    def adopt(self, desired: Mapping[ObjectKey, KernelObject]) -> None:
+        """The kernel was verified to hold `desired`: keep the desired objects themselves as the observation,
+        so the next diff against a compile that shares them settles them by identity."""
+        known = self._known
+        if known is None or self._adopted is known:
+            return
+        index = {key: desired.get(key, obj) for key, obj in known.index.items()}
+        adopted = NftObservation(known.table, tuple(index.values()), known.snapshot, known.counters, known.generation)
+        adopted.__dict__["index"] = index
+        self._known = self._adopted = adopted
 
     # ------------------------------------------------------------------ reading
     def _run(self, command: str) -> str:
@@ -85,18 +146,49 @@ class NftDriver:
         )
 
     def observe(self, table: str) -> NftObservation:
+        # Read before listing: a transaction between the two makes the kept generation stale, never wrong.
+        generation = self.raw.generation()
+        known = self._known
+        if known is not None and known.table == table and known.generation == generation:
+            return known
         rc, output, _ = self._nft.cmd(f"list table {NFT_FAMILY} {table}")
         if rc != 0:
             # A missing table is the normal state before the first apply.
             if table not in self.tables():
-                return NftObservation(table, (), None)
+                observation = NftObservation(table, (), None, generation=generation)
+                self._known = observation
+                return observation
             raise KernelError(f"nft: cannot list table {table}")
         items = [item for item in json.loads(output)["nftables"] if "metainfo" not in item]
-        return _parse_table(table, items)
+        observation = _parse_table(table, items, generation)
+        self._known = observation
+        return observation
+
+    def counters(self, table: str) -> dict[str, tuple[int, int]]:
+        """(packets, bytes) of every named counter in `table`, read now (never from a kept observation)."""
+        rc, output, _ = self._nft.cmd(f"list counters table {NFT_FAMILY} {table}")
+        if rc != 0:
+            return {}
+        return {item["counter"]["name"]: (item["counter"].get("packets", 0), item["counter"].get("bytes", 0))
+                for item in json.loads(output)["nftables"] if "counter" in item}
 
     # ------------------------------------------------------------------ writing
-    def apply(self, actions: Sequence[Action], desired: Iterable[KernelObject], observed: NftObservation) -> int:
-        """Carry out the nft actions of a plan in one transaction; returns the number of commands sent."""
+    def apply(self, actions: Sequence[Action], desired: Iterable[KernelObject], observed: NftObservation,
+              desired_index: Mapping[ObjectKey, KernelObject] | None = None) -> int:
+        """Carry out the nft actions of a plan in one transaction; returns the number of kernel messages or
+        commands sent. Raises GenerationChanged (nothing written) when a raw element batch finds that
+        the table may have changed since `observed`: observe and plan again."""
+        actions = [a for a in actions if a.kind.startswith("nft.")]
+        element_sets = raw_element_sets(actions, desired_index or index_by_key(desired), observed)
+        if element_sets is not None and observed.generation is not None:
+            sent = self.raw.write_elements(observed.table, observed.generation, element_sets)
+            generation = self.raw.generation()
+            self._known = (observed.with_elements(actions, generation)
+                           if generation == observed.generation + 1 else None)
+            if self._known is not None and self._adopted is observed:
+                self._adopted = self._known  # the elements added are the desired objects themselves
+            self.operations += sent
+            return sent
         commands = build_batch(actions, desired, observed)
         if not commands:
             return 0
@@ -104,6 +196,7 @@ class NftDriver:
         return len(commands)
 
     def _transaction(self, commands: Sequence[str]) -> None:
+        self._known = None
         rc, _, error = self._nft.cmd("\n".join(commands) + "\n")
         if rc != 0:
             raise KernelError(f"nft rejected the transaction, nothing was changed: {error.strip()}")
@@ -119,6 +212,7 @@ class NftDriver:
 
     def restore(self, table: str, snapshot: str | None) -> None:
         """Put our table back exactly as `snapshot` (from `snapshot()`) had it, in one transaction."""
+        self._known = None
         commands = [f"delete table {NFT_FAMILY} {table}"] if table in self.tables() else []
         if snapshot:
             commands.append(snapshot)
@@ -156,7 +250,7 @@ def element_text(value: Any) -> str:
     return str(value)
 
 
-def _parse_table(table: str, items: list[dict[str, Any]]) -> NftObservation:
+def _parse_table(table: str, items: list[dict[str, Any]], generation: int | None = None) -> NftObservation:
     objects: list[KernelObject] = []
     counters: dict[str, tuple[int, int]] = {}
     rule_positions: dict[str, int] = {}
@@ -189,10 +283,32 @@ def _parse_table(table: str, items: list[dict[str, Any]]) -> NftObservation:
                 # Not written by us (or edited): a unique id makes the diff remove it.
                 rule_id, rule_digest = f"unknown-handle-{body.get('handle')}", ""
             objects.append(NftRule(table, chain, rule_id, index, rule_digest))
-    return NftObservation(table, tuple(objects), tuple(items), counters)
+    return NftObservation(table, tuple(objects), tuple(items), counters, generation)
 
 
 # ------------------------------------------------------------------- the batch
+def raw_element_sets(actions: Sequence[Action], desired: Mapping[ObjectKey, KernelObject],
+                     observed: NftObservation) -> list[tuple[str, int, list[str], list[str]]] | None:
+    """The plan as (set, family, removed, added) for a raw element batch, or None when it needs libnftables:
+    anything besides element additions and removals, or a set that is not an existing address interval set."""
+    if not actions or any(a.kind != NftElement.kind or a.op == "change" for a in actions):
+        return None
+    changes: dict[str, tuple[list[str], list[str]]] = {}
+    for action in actions:
+        element = action.new or action.old
+        assert isinstance(element, NftElement)
+        changes.setdefault(element.set, ([], []))[0 if action.op == "remove" else 1].append(element.element)
+    result = []
+    for name, (removed, added) in sorted(changes.items()):
+        key = ObjectKey(NftSet.kind, name)
+        wanted = desired.get(key)
+        family = nfnetlink.ADDRESS_INTERVAL_SETS.get(wanted.declaration) if isinstance(wanted, NftSet) else None
+        if family is None or key not in observed.index:
+            return None
+        result.append((name, family, removed, added))
+    return result
+
+
 def _quote(text: str) -> str:
     return '"' + text.replace('"', '\\"') + '"'
 

@@ -12,6 +12,7 @@ import pytest
 from compiler import compile_intent
 from compiler.loader import load_file, parse_text
 from compiler.objects import DesiredState, index_by_key
+from reconciler.drivers.nfnetlink import GenerationChanged
 from reconciler.drivers.nft import NftDriver
 from reconciler.plan import diff
 
@@ -78,6 +79,41 @@ def test_one_more_cidr_is_one_element_command(netns: str) -> None:
     assert pending(driver, bigger) == ["add nft.element f_input_deny-list_src4 192.0.2.0/24"]
     assert converge(driver, bigger) == 1
     assert pending(driver, bigger) == []
+
+
+def test_element_changes_skip_libnftables_and_the_listing(netns: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every other /24, so that nothing collapses into a shorter prefix.
+    cidrs = [f"10.{i // 128}.{i % 128 * 2}.0/24" for i in range(2_000)] + ["2001:db8:1::/48"]
+    driver = NftDriver(netns)
+    converge(driver, intent_with_cidrs(cidrs))
+    changed = intent_with_cidrs([*cidrs[1:], "192.0.2.0/25", "2001:db8::/64", "198.51.100.7"])
+    assert len(pending(driver, changed)) == 4
+    listings: list[str] = []
+    real_cmd = driver._nft.cmd
+    monkeypatch.setattr(driver._nft, "cmd", lambda text: listings.append(text) or real_cmd(text))
+    assert converge(driver, changed) == 3  # raw batch: a delete and an add message for v4, an add for v6
+    assert pending(driver, changed) == []  # answered from the kept observation: the generation moved by one
+    assert listings == []
+    monkeypatch.undo()
+    # What libnftables reads back agrees, element for element, with what was written raw.
+    fresh = NftDriver(netns)
+    observed = fresh.observe(f"kernform-{changed.intent}")
+    assert diff(changed.intent, "tproxy", "t", nft_only(changed), index_by_key(observed.objects)).empty
+
+
+def test_a_stale_generation_refuses_the_element_batch(netns: str) -> None:
+    driver = NftDriver(netns)
+    converge(driver, intent_with_cidrs(["10.0.0.0/8"]))
+    table = "kernform-big"
+    observed = driver.observe(table)
+    changed = intent_with_cidrs(["10.0.0.0/8", "192.0.2.0/24"])
+    plan = diff(changed.intent, "tproxy", "t", nft_only(changed), index_by_key(observed.objects))
+    subprocess.run(["ip", "netns", "exec", netns, "nft", "add table inet other"], check=True)
+    with pytest.raises(GenerationChanged):
+        driver.apply(plan.actions, changed.objects, observed)
+    assert pending(driver, changed) == ["add nft.element f_input_deny-list_src4 192.0.2.0/24"]  # nothing written
+    converge(driver, changed)
+    assert pending(driver, changed) == []
 
 
 def test_foreign_table_survives_apply_and_destroy(netns: str) -> None:

@@ -38,7 +38,8 @@ class FakeNft:
     def snapshot(self, table: str) -> str | None:
         return "SNAPSHOT"
 
-    def apply(self, actions: Sequence[Action], desired: Iterable[KernelObject], observed: NftObservation) -> int:
+    def apply(self, actions: Sequence[Action], desired: Iterable[KernelObject], observed: NftObservation,
+              desired_index: object = None) -> int:
         self.calls += 1
         if self.fail:
             raise KernelError("nft rejected the transaction")
@@ -50,6 +51,9 @@ class FakeNft:
 
     def restore(self, table: str, snapshot: str | None) -> None:
         self.restored.append(snapshot)
+
+    def forget(self) -> None:
+        pass
 
 
 @dataclass
@@ -76,6 +80,12 @@ class FakeTarget:
     def __init__(self) -> None:
         self.nft = FakeNft()
         self.netlink = FakeNetlink()
+
+    def forget(self) -> None:
+        self.nft.forget()
+
+    def adopt(self, desired: object) -> None:
+        pass
 
     def observe(self, intent: str, wanted: frozenset[int] = frozenset(), bpf: bool = False) -> ObservedState:
         return ObservedState(intent, self.nft.observe(intent), tuple(self.netlink.observe(wanted)), wanted)
