@@ -279,6 +279,9 @@ def _load_balancing(intent: NetworkIntent, b: _Builder) -> None:
         _service(service, b)
 
 
+WEIGHT_SLOTS = 1 << 24
+
+
 def backend_slots(service: Service) -> tuple[str, list[tuple[str, str]]]:
     """The map key expression and its (key, value) elements for a service's backends."""
     family = ipaddress.ip_address(service.vip).version
@@ -300,14 +303,36 @@ def backend_slots(service: Service) -> tuple[str, list[tuple[str, str]]]:
                 elements.append((key, targets[table[start]]))
                 start = slot
         return expression, elements
-    total = sum(weights)
+    slots = weighted_slots(weights)
     elements = []
     low = 0
-    for target, weight in zip(targets, weights, strict=True):
-        high = low + weight - 1
+    for target, count in zip(targets, slots, strict=True):
+        high = low + count - 1
         elements.append((str(low) if low == high else f"{low}-{high}", target))
         low = high + 1
-    return f"numgen random mod {total}", elements
+    return f"numgen random mod {sum(slots)}", elements
+
+
+def weighted_slots(weights: Sequence[int]) -> list[int]:
+    """How many of WEIGHT_SLOTS random slots each backend gets (largest remainders; at least one each).
+
+    The slot count is fixed, not the total weight, so that the rule's `numgen
+    random mod` never changes: changing a weight rewrites map elements only
+    (a map-only change, applied without touching any rule). The rounding is
+    below 1/WEIGHT_SLOTS of the traffic. Should the weights sum to more, they
+    are used as they are.
+    """
+    total = sum(weights)
+    if total >= WEIGHT_SLOTS:
+        return list(weights)
+    exact = [w * WEIGHT_SLOTS / total for w in weights]
+    slots = [max(1, int(x)) for x in exact]
+    spare = WEIGHT_SLOTS - sum(slots)
+    for i in sorted(range(len(weights)), key=lambda i: exact[i] - int(exact[i]), reverse=True)[:max(0, spare)]:
+        slots[i] += 1
+    while sum(slots) > WEIGHT_SLOTS:  # the minimum of one slot each overshot: take from the largest
+        slots[slots.index(max(slots))] -= 1
+    return slots
 
 
 def _service(service: Service, b: _Builder) -> None:

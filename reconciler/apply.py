@@ -29,7 +29,8 @@ class ApplyResult:
 
 
 def make_plan(target: Target, desired: DesiredState) -> tuple[Plan, ObservedState]:
-    wants_bpf = any(o.kind in BPF_KINDS for o in desired.objects)
+    # Only the ebpf backend compiles BPF objects (a tproxy intent's own BPF pins are seen by observe).
+    wants_bpf = desired.backend == "ebpf"
     observed = target.observe(desired.intent, desired.routing_tables, bpf=wants_bpf)
     plan = diff(desired.intent, desired.backend, target.label, desired.by_key(), observed.by_key())
     return plan, observed
@@ -77,7 +78,7 @@ def _apply(target: Target, desired: DesiredState, plan: Plan, observed: Observed
             target.bpf.probe(programs)
     # The text snapshot is the way back if verification fails; only needed when nft changes, and not
     # for a plan of element additions and removals, which inverse actions undo exactly.
-    elements_only = all(a.kind == NftElement.kind and a.op != "change" for a in nft_actions)
+    elements_only = all(a.kind == NftElement.kind for a in nft_actions)
     snapshot = (target.nft.snapshot(observed.nft.table)
                 if nft_actions and observed.nft.exists and not elements_only else None)
     operations = target.netlink.apply(netlink_actions) if netlink_actions else 0
@@ -115,7 +116,7 @@ def _restore(target: Target, desired: DesiredState, observed: ObservedState, sna
     target.forget()
     if nft_actions and elements_only:
         now = target.nft.observe(observed.nft.table)
-        undo = [a for a in inverse(nft_actions) if (a.op == "remove") == (a.key in now.index)]
+        undo = [a for a in inverse(nft_actions) if a.op == "change" or (a.op == "remove") == (a.key in now.index)]
         target.nft.apply(undo, desired.objects, now, desired.by_key())
     elif nft_actions:
         target.nft.restore(observed.nft.table, snapshot)

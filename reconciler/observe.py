@@ -15,9 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from compiler.objects import (
-    OWNED_TABLES_SET,
     KernelObject,
-    NftElement,
     ObjectKey,
     index_by_key,
     nft_table_name,
@@ -111,10 +109,7 @@ class Target:
     def observe(self, intent: str, wanted_tables: frozenset[int] = frozenset(), bpf: bool = False) -> ObservedState:
         """What `intent` owns in this namespace; BPF state is read when `bpf` or when the intent has pins."""
         nft = self.nft.observe(nft_table_name(intent))
-        recorded = {
-            int(o.element) for o in nft.objects if isinstance(o, NftElement) and o.set == OWNED_TABLES_SET
-        }
-        tables = frozenset(recorded | set(wanted_tables))
+        tables = nft.owned_tables | wanted_tables
         netlink = tuple(self.netlink.observe(tables)) if tables else ()
         bpf_index = self.bpf.observe_index(intent) if bpf or self.has_bpf_state(intent) else {}
         return ObservedState(intent, nft, netlink, tables, tuple(bpf_index.values()), bpf_index)

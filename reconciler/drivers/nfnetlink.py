@@ -11,11 +11,12 @@ the whole batch (ERESTART) and nothing changes; so a batch that succeeds and
 finds the generation exactly one higher proves that the kernel now holds the
 observed state plus these elements, and nothing else changed in between.
 
-Only single-field `ipv4_addr` / `ipv6_addr` sets with `flags interval` are
-written here (the sets that grow to thousands of CIDRs); everything else goes
-through libnftables' text transactions in nft.py. Element encoding follows nft:
-an interval [low, high] is a start element `low` and, unless `high` is the last
-address, an end element `high + 1` flagged NFT_SET_ELEM_INTERVAL_END.
+Written here: the interval sets of addresses (the sets that grow to thousands
+of CIDRs) and the load-balancing maps (`numgen` slot ranges to `address .
+port`); everything else goes through libnftables' text transactions in nft.py.
+Element encoding follows nft: an interval [low, high] is a start element `low`
+(carrying the map value) and, unless `high` is the largest key, an end element
+`high + 1` flagged NFT_SET_ELEM_INTERVAL_END; keys are big-endian.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import os
 import socket
 import struct
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from compiler.errors import KernelError
 
@@ -37,7 +39,7 @@ NFNL_BATCH_GENID = 1
 NFTA_GEN_ID = 1
 NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 1, 2, 3
 NFTA_LIST_ELEM = 1
-NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_FLAGS = 1, 3
+NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_DATA, NFTA_SET_ELEM_FLAGS = 1, 2, 3
 NFTA_DATA_VALUE = 1
 NFT_SET_ELEM_INTERVAL_END = 0x1
 NFPROTO_INET = 1
@@ -52,8 +54,39 @@ _BE32 = struct.Struct("!I")
 _ERR = struct.Struct("=i")
 _REPLY_TIMEOUT = 10.0
 
-# The set declarations (as the compiler writes them) whose elements go this way, and their address family.
-ADDRESS_INTERVAL_SETS = {"type ipv4_addr; flags interval;": 4, "type ipv6_addr; flags interval;": 6}
+
+@dataclass(frozen=True)
+class SetLayout:
+    """How the elements of one kind of set are encoded: the key's width (4 or 16-byte addresses, or a
+    32-bit integer: nft keeps interval keys big-endian even for host-order expressions like numgen)
+    and, for maps, the address family of an `address . port` value."""
+
+    key_bytes: int
+    key_is_address: bool
+    value_family: int | None = None
+
+
+def layout_of(declaration: str) -> SetLayout | None:
+    """The layout of a set or map that kernform declares with `declaration`, if it is written raw."""
+    if declaration == "type ipv4_addr; flags interval;":
+        return SetLayout(4, True)
+    if declaration == "type ipv6_addr; flags interval;":
+        return SetLayout(16, True)
+    for l3, family in (("ip", 4), ("ip6", 6)):
+        for proto in ("tcp", "udp"):
+            if declaration == f"typeof numgen random mod 1 : {l3} daddr . {proto} dport; flags interval;":
+                return SetLayout(4, False, family)
+    return None
+
+
+@dataclass(frozen=True)
+class ElementChanges:
+    """Elements to remove (keys) and to add (key, map value or None) in one set."""
+
+    set: str
+    layout: SetLayout
+    removed: Sequence[str]
+    added: Sequence[tuple[str, str | None]]
 
 
 class GenerationChanged(KernelError):
@@ -74,28 +107,42 @@ def _message(kind: int, flags: int, seq: int, family: int, res_id: int, body: by
     return _HDR.pack(_HDR.size + len(payload), kind, flags, seq, 0) + payload
 
 
-def interval_keys(family: int, text: str) -> list[tuple[bytes, int]]:
+def interval_keys(layout: SetLayout, text: str) -> list[tuple[bytes, int]]:
     """The kernel elements (key bytes, flags) of one set element in nft's text: `a`, `a/len` or `a-b`."""
-    bits = 32 if family == 4 else 128
-    if "-" in text:
-        low_text, high_text = text.split("-", 1)
-        low, high = int(ipaddress.ip_address(low_text)), int(ipaddress.ip_address(high_text))
+    bits = layout.key_bytes * 8
+    if layout.key_is_address:
+        if "-" in text:
+            low_text, high_text = text.split("-", 1)
+            low, high = int(ipaddress.ip_address(low_text)), int(ipaddress.ip_address(high_text))
+        else:
+            network = ipaddress.ip_network(text, strict=True)
+            low, high = int(network.network_address), int(network.broadcast_address)
     else:
-        network = ipaddress.ip_network(text, strict=True)
-        low, high = int(network.network_address), int(network.broadcast_address)
-    if family not in (4, 6) or high >> bits or low > high:
-        raise ValueError(f"{text} is not an IPv{family} interval")
-    size = bits // 8
-    keys = [(low.to_bytes(size, "big"), 0)]
+        low_text, _, high_text = text.partition("-")
+        low, high = int(low_text), int(high_text or low_text)
+    if low < 0 or high >> bits or low > high:
+        raise ValueError(f"{text} is not an interval of {bits}-bit keys")
+    keys = [(low.to_bytes(layout.key_bytes, "big"), 0)]
     if high != (1 << bits) - 1:
-        keys.append(((high + 1).to_bytes(size, "big"), NFT_SET_ELEM_INTERVAL_END))
+        keys.append(((high + 1).to_bytes(layout.key_bytes, "big"), NFT_SET_ELEM_INTERVAL_END))
     return keys
 
 
-def _element(key: bytes, flags: int) -> bytes:
+def map_value(layout: SetLayout, text: str) -> bytes:
+    """`address . port` as nft registers hold it: the address, then the port in network order padded to 4 bytes."""
+    address, _, port = (part.strip() for part in text.partition(" . "))
+    packed = ipaddress.ip_address(address).packed
+    if len(packed) != (4 if layout.value_family == 4 else 16):
+        raise ValueError(f"{text}: not an IPv{layout.value_family} address . port")
+    return packed + int(port).to_bytes(2, "big") + b"\0\0"
+
+
+def _element(key: bytes, flags: int, value: bytes | None = None) -> bytes:
     parts = [_nest(NFTA_SET_ELEM_KEY, _attr(NFTA_DATA_VALUE, key))]
     if flags:
         parts.append(_attr(NFTA_SET_ELEM_FLAGS, _BE32.pack(flags)))
+    if value is not None and not flags & NFT_SET_ELEM_INTERVAL_END:
+        parts.append(_nest(NFTA_SET_ELEM_DATA, _attr(NFTA_DATA_VALUE, value)))
     return _nest(NFTA_LIST_ELEM, *parts)
 
 
@@ -147,12 +194,11 @@ class NfTablesSocket:
             offset += (_HDR.size + len(payload) + 3) & ~3
             yield kind, payload, seq
 
-    def write_elements(self, table: str, generation: int,
-                       sets: Sequence[tuple[str, int, Sequence[str], Sequence[str]]]) -> int:
-        """Remove then add elements of address interval sets in one transaction, valid only at `generation`.
+    def write_elements(self, table: str, generation: int, sets: Sequence[ElementChanges]) -> int:
+        """Remove then add elements of interval sets and maps in one transaction, valid only at `generation`.
 
-        `sets`: (set name, family 4/6, elements to remove, elements to add), elements in
-        nft's text. Returns the number of element messages sent. Raises
+        Elements are in nft's text (keys; `address . port` map values). Returns the
+        number of element messages sent. Raises
         GenerationChanged when another transaction committed since `generation`
         (nothing written), KernelError when the kernel refused an element
         (nothing written either: the batch is one transaction).
@@ -162,9 +208,14 @@ class NfTablesSocket:
         table_attr = _attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
         for verb, flags in ((NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK),
                             (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE)):
-            for name, family, removed, added in sets:
-                texts = removed if verb == NFT_MSG_DELSETELEM else added
-                elements = [_element(key, kflags) for text in texts for key, kflags in interval_keys(family, text)]
+            for change in sets:
+                name, layout = change.set, change.layout
+                if verb == NFT_MSG_DELSETELEM:
+                    elements = [_element(key, kflags) for text in change.removed
+                                for key, kflags in interval_keys(layout, text)]
+                else:
+                    elements = [_element(key, kflags, None if value is None else map_value(layout, value))
+                                for text, value in change.added for key, kflags in interval_keys(layout, text)]
                 set_attr = _attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")
                 for start in range(0, len(elements), ELEMENTS_PER_MESSAGE):
                     seq = self._next_seq()

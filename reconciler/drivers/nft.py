@@ -33,6 +33,7 @@ from compiler.errors import KernelError
 from compiler.objects import (
     NFT_FAMILY,
     NFT_TABLE_PREFIX,
+    OWNED_TABLES_SET,
     KernelObject,
     NftChain,
     NftCounter,
@@ -47,7 +48,7 @@ from compiler.objects import (
 from ..netns import entered
 from ..plan import Action
 from . import nfnetlink
-from .nfnetlink import NfTablesSocket
+from .nfnetlink import ElementChanges, NfTablesSocket
 
 # Debian ships the libnftables binding outside the venv's path.
 if "/usr/lib/python3/dist-packages" not in sys.path:
@@ -75,6 +76,12 @@ class NftObservation:
     def index(self) -> dict[ObjectKey, KernelObject]:
         return index_by_key(self.objects)
 
+    @functools.cached_property
+    def owned_tables(self) -> frozenset[int]:
+        """The routing tables recorded in our table as the intent's (to sweep those it no longer wants)."""
+        return frozenset(int(o.element) for o in self.objects
+                         if isinstance(o, NftElement) and o.set == OWNED_TABLES_SET)
+
     def with_elements(self, actions: Sequence[Action], generation: int) -> NftObservation:
         """This observation after element `actions` were carried out, at `generation`."""
         index = dict(self.index)
@@ -86,6 +93,8 @@ class NftObservation:
                 index[action.key] = action.new
         updated = NftObservation(self.table, tuple(index.values()), self.snapshot, self.counters, generation)
         updated.__dict__["index"] = index
+        if not any(getattr(a.new or a.old, "set", None) == OWNED_TABLES_SET for a in actions):
+            updated.__dict__["owned_tables"] = self.owned_tables
         return updated
 
 
@@ -127,6 +136,7 @@ class NftDriver:
         index = {key: desired.get(key, obj) for key, obj in known.index.items()}
         adopted = NftObservation(known.table, tuple(index.values()), known.snapshot, known.counters, known.generation)
         adopted.__dict__["index"] = index
+        adopted.__dict__["owned_tables"] = known.owned_tables
         self._known = self._adopted = adopted
 
     # ------------------------------------------------------------------ reading
@@ -288,24 +298,26 @@ def _parse_table(table: str, items: list[dict[str, Any]], generation: int | None
 
 # ------------------------------------------------------------------- the batch
 def raw_element_sets(actions: Sequence[Action], desired: Mapping[ObjectKey, KernelObject],
-                     observed: NftObservation) -> list[tuple[str, int, list[str], list[str]]] | None:
-    """The plan as (set, family, removed, added) for a raw element batch, or None when it needs libnftables:
-    anything besides element additions and removals, or a set that is not an existing address interval set."""
-    if not actions or any(a.kind != NftElement.kind or a.op == "change" for a in actions):
+                     observed: NftObservation) -> list[ElementChanges] | None:
+    """The plan as element changes per set for a raw batch, or None when it needs libnftables: anything
+    besides element changes, or a set that does not exist yet or has no raw layout (nfnetlink.layout_of)."""
+    if not actions or any(a.kind != NftElement.kind for a in actions):
         return None
-    changes: dict[str, tuple[list[str], list[str]]] = {}
+    changes: dict[str, tuple[list[str], list[tuple[str, str | None]]]] = {}
     for action in actions:
-        element = action.new or action.old
-        assert isinstance(element, NftElement)
-        changes.setdefault(element.set, ([], []))[0 if action.op == "remove" else 1].append(element.element)
+        removed, added = changes.setdefault((action.new or action.old).set, ([], []))  # type: ignore[union-attr]
+        if isinstance(action.old, NftElement):
+            removed.append(action.old.element)
+        if isinstance(action.new, NftElement):
+            added.append((action.new.element, action.new.value))
     result = []
     for name, (removed, added) in sorted(changes.items()):
         key = ObjectKey(NftSet.kind, name)
         wanted = desired.get(key)
-        family = nfnetlink.ADDRESS_INTERVAL_SETS.get(wanted.declaration) if isinstance(wanted, NftSet) else None
-        if family is None or key not in observed.index:
+        layout = nfnetlink.layout_of(wanted.declaration) if isinstance(wanted, NftSet) else None
+        if layout is None or key not in observed.index:
             return None
-        result.append((name, family, removed, added))
+        result.append(ElementChanges(name, layout, removed, added))
     return result
 
 

@@ -101,6 +101,39 @@ def test_element_changes_skip_libnftables_and_the_listing(netns: str, monkeypatc
     assert diff(changed.intent, "tproxy", "t", nft_only(changed), index_by_key(observed.objects)).empty
 
 
+def service_with_weights(weights: list[int]) -> DesiredState:
+    backends = "\n".join(f"          - {{address: 10.9.0.{i + 1}, port: 8080, weight: {w}}}"
+                         for i, w in enumerate(weights))
+    text = f"""apiVersion: kernform/v1
+kind: NetworkIntent
+metadata: {{name: lb}}
+spec:
+  loadBalancing:
+    services:
+      - name: web
+        vip: 10.9.9.9
+        port: 80
+        backends:
+{backends}
+"""
+    return compile_intent(parse_text(text, "lb.yaml").intent)
+
+
+def test_a_weight_change_rewrites_map_elements_only(netns: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    driver = NftDriver(netns)
+    converge(driver, service_with_weights([1, 1, 1, 1]))
+    changed = service_with_weights([1, 3, 1, 1])
+    assert {a.split()[1] for a in pending(driver, changed)} == {"nft.element"}  # the rules stay as they are
+    listings: list[str] = []
+    real_cmd = driver._nft.cmd
+    monkeypatch.setattr(driver._nft, "cmd", lambda text: listings.append(text) or real_cmd(text))
+    converge(driver, changed)
+    assert listings == [] and pending(driver, changed) == []
+    monkeypatch.undo()
+    observed = NftDriver(netns).observe("kernform-lb")
+    assert diff("lb", "tproxy", "t", nft_only(changed), index_by_key(observed.objects)).empty
+
+
 def test_a_stale_generation_refuses_the_element_batch(netns: str) -> None:
     driver = NftDriver(netns)
     converge(driver, intent_with_cidrs(["10.0.0.0/8"]))
