@@ -15,6 +15,8 @@ from __future__ import annotations
 import ipaddress
 import struct
 
+from .cidr import Prefix
+
 # kf_rule.action / flags (tc_filter)
 ACT_ALLOW, ACT_DENY, ACT_RATE_LIMIT = 1, 2, 3
 RULE_INGRESS, RULE_EGRESS = 1 << 0, 1 << 1
@@ -52,9 +54,10 @@ PROXY_SOCKET = struct.Struct("<HBx")  # port protocol
 _PROTO = {0: "any", 1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp"}
 
 
-def lpm_key(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bytes:
+def lpm_key(network: ipaddress.IPv4Network | ipaddress.IPv6Network | Prefix) -> bytes:
     layout = LPM_V4 if network.version == 4 else LPM_V6
-    return layout.pack(network.prefixlen, network.network_address.packed)
+    packed = network.packed if isinstance(network, Prefix) else network.network_address.packed
+    return layout.pack(network.prefixlen, packed)
 
 
 def bitmap(bits: int, words: int) -> bytes:

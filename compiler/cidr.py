@@ -11,8 +11,43 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from typing import NamedTuple
 
 _BITS = {4: 32, 6: 128}
+
+
+class Prefix(NamedTuple):
+    """A network as integers: hashing, comparing and taking supernets cost next to nothing."""
+
+    version: int
+    value: int
+    prefixlen: int
+
+    @classmethod
+    def of(cls, text: str) -> Prefix:
+        return cls(*parse(text))
+
+    def supernet(self, prefixlen: int) -> Prefix:
+        bits = _BITS[self.version]
+        return Prefix(self.version, self.value >> (bits - prefixlen) << (bits - prefixlen) if prefixlen else 0,
+                      prefixlen)
+
+    @property
+    def packed(self) -> bytes:
+        return self.value.to_bytes(_BITS[self.version] // 8, "big")
+
+    @property
+    def with_prefixlen(self) -> str:
+        return f"{_address_text(self.version, self.value)}/{self.prefixlen}"
+
+    def __str__(self) -> str:
+        return self.with_prefixlen
+
+
+def collapsed_prefixes(cidrs: Iterable[str]) -> list[Prefix]:
+    """collapse() as Prefixes, IPv4 first."""
+    return [Prefix(family, value, length) for family, prefixes in sorted(collapse(cidrs).items())
+            for value, length in prefixes]
 
 
 def _fast_v4(text: str) -> tuple[int, int] | None:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from . import bpf_layout as L
 from . import maglev
+from .cidr import Prefix, collapsed_prefixes
 from .errors import BackendUnavailable
 from .intent import FilterChain, FilterRule, InterceptionRule, NetworkIntent, Service, parse_port_range
 from .objects import (
@@ -47,6 +48,7 @@ from .objects import (
     ip_route,
     ip_rule,
     nft_table_name,
+    remembered,
     shared,
 )
 from .routing import lower_routing
@@ -55,7 +57,7 @@ BACKEND = "ebpf"
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 FULL_PORTS = (0, 65535)
 _PROTO = {"tcp": 6, "udp": 17}
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Network = Prefix
 
 
 def source_digest(source: str, cflags: Sequence[str], attachments: Sequence[tuple[str, str]]) -> str:
@@ -84,13 +86,13 @@ def lpm_values(prefix_bits: dict[Network, int]) -> dict[Network, int]:
         for length in lengths:
             if length >= network.prefixlen:
                 break
-            total |= prefix_bits.get(network.supernet(new_prefix=length), 0)
+            total |= prefix_bits.get(network.supernet(length), 0)
         result[network] = total
     return result
 
 
 def _any(family: int) -> Network:
-    return ipaddress.ip_network("0.0.0.0/0" if family == 4 else "::/0")
+    return Prefix(family, 0, 0)
 
 
 def _port_ranges(ports: Sequence[int | str]) -> list[tuple[int, int]]:
@@ -111,7 +113,7 @@ class _Program:
         self.entries.append(shared(BpfMapEntry, self.name, map_name, key.hex(), value.hex(), "", origin))
 
     def lpm(self, map_prefix: str, prefix_bits: dict[Network, int], words: int, origin: str) -> None:
-        for network, bits in sorted(lpm_values(prefix_bits).items(), key=lambda i: (i[0].version, str(i[0]))):
+        for network, bits in sorted(lpm_values(prefix_bits).items()):
             self.entry(f"{map_prefix}_v{network.version}", L.lpm_key(network), L.bitmap(bits, words), origin)
 
 
@@ -121,14 +123,7 @@ def _add_bits(table: dict[Network, int], networks: Iterable[Network], bit: int) 
 
 
 def _networks(cidrs: Iterable[str]) -> list[Network]:
-    by_family: dict[int, list[Network]] = {4: [], 6: []}
-    for text in cidrs:
-        net = ipaddress.ip_network(text)
-        by_family[net.version].append(net)
-    result: list[Network] = []
-    for nets in by_family.values():
-        result += ipaddress.collapse_addresses(nets)  # type: ignore[type-var]
-    return result
+    return collapsed_prefixes(cidrs)
 
 
 def _program(p: _Program, attachments: list[tuple[str, str]], cflags: list[str]) -> BpfProgram:
@@ -422,6 +417,18 @@ def _socket_programs(intent: NetworkIntent) -> list[tuple[BpfProgram, list[BpfMa
 
 
 def _service_entries(program: _Program, service: Service, svc_id: int, size: int, next_index: dict[int, int]) -> None:
+    family = ipaddress.ip_address(service.vip).version
+    first = next_index[family]
+    next_index[family] = first + len(service.backends)
+    # A service's entries (its Maglev table above all) depend only on these inputs: a change elsewhere
+    # in the intent reuses the list an earlier compile made, objects and all.
+    inputs = (program.name, program.source, service.model_dump_json(), svc_id, size, first)
+    program.entries += remembered(("service entries", *inputs), lambda: _build_service_entries(
+        _Program(program.name, program.source, program.origin), service, svc_id, size, first))
+
+
+def _build_service_entries(program: _Program, service: Service, svc_id: int, size: int,
+                           first: int) -> list[BpfMapEntry]:
     where = f"loadBalancing/{service.name}"
     family = ipaddress.ip_address(service.vip).version
     proto = _PROTO[service.protocol]
@@ -429,13 +436,12 @@ def _service_entries(program: _Program, service: Service, svc_id: int, size: int
     key = (L.SVC_KEY_V4 if family == 4 else L.SVC_KEY_V6).pack(vip, service.port, proto)
     algorithm = L.LB_AFFINITY if service.algorithm == "source-hash" else L.LB_RANDOM
     program.entry(f"services_v{family}", key, L.SERVICE.pack(svc_id, len(service.backends), algorithm, 0), where)
-    first = next_index[family]
     layout = L.BACKEND_V4 if family == 4 else L.BACKEND_V6
     for offset, backend in enumerate(service.backends):
         value = layout.pack(ipaddress.ip_address(backend.address).packed, backend.port or service.port)
         program.entry(f"backends_v{family}", L.U32.pack(first + offset), value, where)
-    next_index[family] = first + len(service.backends)
     identities = [f"{b.address}:{b.port or service.port}" for b in service.backends]
     table = maglev.build(identities, [b.weight for b in service.backends], size)
     for slot, chosen in enumerate(table):
         program.entry("maglev", L.U32.pack(svc_id * size + slot), L.U32.pack(first + chosen + 1), where)
+    return program.entries

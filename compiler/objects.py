@@ -81,6 +81,17 @@ def shared(cls: type[_T], *fields: Any) -> _T:
     return obj
 
 
+def remembered(key: tuple[Any, ...], make: Callable[[], _T]) -> _T:
+    """`make()`, or what it returned for the same `key` in this compile or the one before (see `shared`).
+    The key must name every input of `make`."""
+    current, previous = _RECENT
+    if key in current:
+        return current[key]
+    value = previous[key] if key in previous else make()
+    current[key] = value
+    return value
+
+
 class ObjectKey(NamedTuple):
     """(kind, name). A tuple of two strings, so hashing and comparing keys, which a
     diff of tens of thousands of map entries does for each one, runs in C."""

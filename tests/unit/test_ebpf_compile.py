@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import ipaddress
-
 import pytest
 
 from compiler import compile_intent
+from compiler.cidr import Prefix
 from compiler.ebpf import lpm_values
 from compiler.errors import BackendUnavailable
 from compiler.loader import parse_text
@@ -21,7 +20,7 @@ def compiled(body: str):  # type: ignore[no-untyped-def]
 
 
 def test_lpm_values_carry_the_bits_of_covering_prefixes() -> None:
-    n = ipaddress.ip_network
+    n = Prefix.of
     values = lpm_values({n("10.0.0.0/8"): 0b01, n("10.1.0.0/16"): 0b10, n("0.0.0.0/0"): 0b100})
     assert values == {n("10.0.0.0/8"): 0b101, n("10.1.0.0/16"): 0b111, n("0.0.0.0/0"): 0b100}
 
