@@ -220,4 +220,67 @@ struct kf_rev_nat_value {
 	__u8 addr[16];  /* VIP */
 };
 
+/* ---- load balancing of forwarded traffic at tc (tc_lb) ----------------- */
+
+/*
+ * tc_lb reads services_v4/v6, maglev and backends_v4/v6 with exactly the
+ * layouts above (the compiler writes identical contents into both
+ * objects); the structs below are its own flow state and counters.
+ * family is 4 or 6 in all of them (the packet's IP version).
+ */
+
+/*
+ * LRU hash `lb_flows`, written by kf_lb_ingress: a client's flow to a VIP,
+ * as it arrives, and the backend chosen for it.
+ */
+struct kf_lb_flow_key {
+	__u8 family;          /* 4 or 6 */
+	__u8 proto;           /* IPPROTO_TCP / IPPROTO_UDP */
+	__u16 client_port;    /* host order */
+	__u16 vip_port;       /* host order */
+	__u16 pad;
+	__u8 client_addr[16]; /* IPv4 in [0..3] */
+	__u8 vip_addr[16];
+};
+
+struct kf_lb_flow {
+	__u8 backend_addr[16]; /* IPv4 in [0..3] */
+	__u16 backend_port;    /* host order */
+	__u16 pad;
+	__u32 service_id;      /* kf_service.id when the flow was created */
+};
+
+/*
+ * LRU hash `lb_rev`, written by kf_lb_ingress and read by kf_lb_egress: a
+ * backend's reply to a client (source = backend, destination = client)
+ * and the VIP its source is rewritten back to.
+ */
+struct kf_lb_rev_key {
+	__u8 family;           /* 4 or 6 */
+	__u8 proto;
+	__u16 backend_port;    /* host order */
+	__u16 client_port;     /* host order */
+	__u16 pad;
+	__u8 backend_addr[16];
+	__u8 client_addr[16];
+};
+
+struct kf_lb_rev {
+	__u8 vip_addr[16];
+	__u16 vip_port;        /* host order */
+	__u16 pad;
+};
+
+/*
+ * Per-CPU array `lb_counters`, index = kf_service.id (sum over CPUs).
+ * packets/bytes count every client packet to the service at ingress,
+ * dropped ones included.
+ */
+struct kf_lb_counter {
+	__u64 new_flows; /* backends chosen for a new (or re-opened) flow */
+	__u64 packets;
+	__u64 bytes;     /* skb->len, link header included */
+	__u64 dropped;   /* no backend (backend_count 0, empty slot), or a failed rewrite */
+};
+
 #endif /* KF_TYPES_H */

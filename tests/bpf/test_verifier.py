@@ -4,7 +4,9 @@ settings the compiler may emit."""
 
 from __future__ import annotations
 
+import mmap
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,8 @@ PROGRAMS = [
     ("sock_connect.c", "kf_recvmsg6", "CGROUP_SOCK_ADDR", "CGROUP_UDP6_RECVMSG"),
     ("sock_connect.c", "kf_sockops", "SOCK_OPS", "CGROUP_SOCK_OPS"),
     ("sock_connect.c", "kf_getsockopt", "CGROUP_SOCKOPT", "CGROUP_GETSOCKOPT"),
+    ("tc_lb.c", "kf_lb_ingress", "SCHED_CLS", "NONE"),
+    ("tc_lb.c", "kf_lb_egress", "SCHED_CLS", "NONE"),
 ]
 
 # Settings the compiler emits, per entry file: name -> cflags.
@@ -54,6 +58,18 @@ SETTINGS: dict[str, dict[str, list[str]]] = {
             "-DKF_MAX_SERVICES=1024",
             "-DKF_MAGLEV_SIZE=16381",
             "-DKF_MAX_BACKENDS=65536",
+        ],
+    },
+    "tc_lb.c": {
+        "defaults": [],
+        "small": ["-DKF_MAX_SERVICES=4", "-DKF_MAGLEV_SIZE=251", "-DKF_MAX_BACKENDS=16", "-DKF_LB_FLOWS=128"],
+        "large-l3-device": [
+            "-DKF_MAX_SERVICES=1024",
+            "-DKF_MAGLEV_SIZE=16381",
+            "-DKF_MAX_BACKENDS=65536",
+            "-DKF_LB_FLOWS=262144",
+            "-DKF_L2_HLEN=0",
+            "-DKF_IPV6_MAX_EXT=8",
         ],
     },
 }
@@ -114,6 +130,67 @@ def test_maps_are_pinned_and_reused_with_kf_pin_dir(kf: Any) -> None:
         for p in pin_dir.iterdir():
             p.unlink()
         pin_dir.rmdir()
+
+
+def test_tc_lb_maps_are_pinned_and_reused_with_kf_pin_dir(kf: Any) -> None:
+    """Every tc_lb map is pinned (maglev still mmap-able), and both functions of a second
+    load share the first load's maps."""
+    pin_dir = Path(f"/sys/fs/bpf/kfb-test-lb-{os.getpid()}")
+    if not Path("/sys/fs/bpf").is_mount():
+        pytest.skip("bpffs not mounted at /sys/fs/bpf")
+    pin_dir.mkdir()
+    try:
+        flags = [f'-DKF_PIN_DIR="{pin_dir}"', "-DKF_MAX_SERVICES=4", "-DKF_MAGLEV_SIZE=251"]
+        first = kf.load_bpf("tc_lb.c", flags)
+        first.load_func(b"kf_lb_ingress", kf.PROG_TYPES["SCHED_CLS"])
+        maglev = first[b"maglev"]
+        maglev[maglev.Key(3 * 251 + 7)] = maglev.Leaf(5)
+        assert {p.name for p in pin_dir.iterdir()} == {
+            "services_v4",
+            "services_v6",
+            "maglev",
+            "backends_v4",
+            "backends_v6",
+            "lb_flows",
+            "lb_rev",
+            "lb_counters",
+        }
+
+        second = kf.load_bpf("tc_lb.c", flags)
+        second.load_func(b"kf_lb_ingress", kf.PROG_TYPES["SCHED_CLS"])
+        second.load_func(b"kf_lb_egress", kf.PROG_TYPES["SCHED_CLS"])
+        again = second[b"maglev"]
+        assert again[again.Key(3 * 251 + 7)].value == 5
+        with mmap.mmap(kf.table_fd(second, "maglev"), 4 * 251 * 8, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+            assert struct.unpack_from("=I", m, (3 * 251 + 7) * 8)[0] == 5  # elements are 8-byte aligned
+    finally:
+        for p in pin_dir.iterdir():
+            p.unlink()
+        pin_dir.rmdir()
+
+
+def test_lb_tables_are_declared_identically_in_sock_connect_and_tc_lb() -> None:
+    """The compiler writes the same services / maglev / backends contents into both
+    objects: same declarations, same defaults of their settings."""
+
+    def decls(name: str) -> list[str]:
+        lines = (BPF_DIR / name).read_text().splitlines()
+        maps = [
+            line
+            for line in lines
+            if line.startswith("KF_MAP")
+            and any(f", {m}," in line for m in ("services_v4", "services_v6", "maglev", "backends_v4", "backends_v6"))
+        ]
+        defaults = [
+            line
+            for line in lines
+            if line.startswith("#define")
+            and line.split()[1] in ("KF_MAX_SERVICES", "KF_MAGLEV_SIZE", "KF_MAX_BACKENDS")
+        ]
+        return maps + defaults
+
+    assert len(decls("tc_lb.c")) == 8
+    assert decls("tc_lb.c") == decls("sock_connect.c")
 
 
 def test_interception_matcher_is_identical_in_both_entry_files() -> None:
