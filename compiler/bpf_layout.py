@@ -28,6 +28,7 @@ LB_RANDOM, LB_AFFINITY = 0, 1
 CONFIG_MAPS: dict[str, tuple[str, ...]] = {
     "tc_filter.c": ("src_v4", "dst_v4", "src_v6", "dst_v6", "rules", "config"),
     "sk_lookup.c": ("intercept_v4", "intercept_v6", "intercept_rules", "proxy_socks", "proxy_socks6"),
+    "tc_lb.c": ("services_v4", "services_v6", "maglev", "backends_v4", "backends_v6"),
     "sock_connect.c": (
         "services_v4", "services_v6", "maglev", "backends_v4", "backends_v6",
         "intercept_v4", "intercept_v6", "intercept_rules", "exclude_uid", "exclude_gid",

@@ -139,6 +139,7 @@ def compile_intent(intent: NetworkIntent) -> DesiredState:
     for program, program_entries in (
         *_filtering(intent),
         *_inbound_interception(intent, routing),
+        *_tc_balancing(intent),
         *_socket_programs(intent),
     ):
         programs.append(program)
@@ -382,16 +383,44 @@ def _expand_ids(ranges: Iterable[int | str], where: str) -> list[int]:
     return ids
 
 
+def _lb_sizes(services: Sequence[Service]) -> tuple[int, int]:
+    """(Maglev table size, KF_MAX_SERVICES) for these services: the same for every program balancing them."""
+    size = maglev.table_size(max((len(s.backends) for s in services), default=1))
+    max_services = 16
+    while max_services < len(services):
+        max_services *= 2
+    return size, max_services
+
+
+def _tc_balancing(intent: NetworkIntent) -> list[tuple[BpfProgram, list[BpfMapEntry]]]:
+    """tc_lb.c on each interface where clients of other hosts reach the VIPs (see LoadBalancing.interfaces)."""
+    services = intent.spec.load_balancing.services
+    interfaces = intent.spec.load_balancing.interfaces or intent.spec.ebpf.interfaces
+    if not services or not interfaces:
+        return []
+    size, max_services = _lb_sizes(services)
+    result = []
+    for interface in sorted(set(interfaces)):
+        if interface.endswith("*"):
+            raise BackendUnavailable(f"loadBalancing.interfaces: the ebpf backend needs exact interface names, "
+                                     f"not {interface!r}")
+        program = _Program(f"lb-{interface}", "tc_lb.c", f"loadBalancing@{interface}")
+        backend_index = {4: 0, 6: 0}
+        for svc_id, service in enumerate(services):
+            _service_entries(program, service, svc_id, size, backend_index)
+        attachments = [("kf_lb_ingress", f"tc:{interface}:ingress"), ("kf_lb_egress", f"tc:{interface}:egress")]
+        cflags = [f"-DKF_MAGLEV_SIZE={size}", f"-DKF_MAX_SERVICES={max_services}"]
+        result.append((_program(program, attachments, cflags), program.entries))
+    return result
+
+
 def _socket_programs(intent: NetworkIntent) -> list[tuple[BpfProgram, list[BpfMapEntry]]]:
     services = intent.spec.load_balancing.services
     outbound = [r for r in intent.spec.interception.rules if r.direction == "outbound"]
     if not services and not outbound:
         return []
     program = _Program("sock", "sock_connect.c", f"cgroup {_cgroup(intent)}")
-    size = maglev.table_size(max((len(s.backends) for s in services), default=1))
-    max_services = 16
-    while max_services < len(services):
-        max_services *= 2
+    size, max_services = _lb_sizes(services)
     backend_index = {4: 0, 6: 0}
     for svc_id, service in enumerate(services):
         _service_entries(program, service, svc_id, size, backend_index)
@@ -440,8 +469,9 @@ def _build_service_entries(program: _Program, service: Service, svc_id: int, siz
     for offset, backend in enumerate(service.backends):
         value = layout.pack(ipaddress.ip_address(backend.address).packed, backend.port or service.port)
         program.entry(f"backends_v{family}", L.U32.pack(first + offset), value, where)
-    identities = [f"{b.address}:{b.port or service.port}" for b in service.backends]
-    table = maglev.build(identities, [b.weight for b in service.backends], size)
+    identities = tuple(f"{b.address}:{b.port or service.port}" for b in service.backends)
+    weights = tuple(b.weight for b in service.backends)
+    table = remembered(("maglev", identities, weights, size), lambda: maglev.build(list(identities), list(weights), size))
     for slot, chosen in enumerate(table):
         program.entry("maglev", L.U32.pack(svc_id * size + slot), L.U32.pack(first + chosen + 1), where)
     return program.entries

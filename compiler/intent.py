@@ -184,6 +184,13 @@ class Service(_Model):
 
 class LoadBalancing(_Model):
     services: list[Service] = []
+    interfaces: list[Interface] = Field(
+        default=[],
+        description="interfaces where connections from other hosts to the VIPs arrive (empty: tproxy balances "
+        "forwarded traffic from any interface; ebpf uses spec.ebpf.interfaces and, with none there either, "
+        "balances only processes in its cgroup). ebpf: tc ingress balances them, tc egress translates the "
+        "replies back, so the replies must leave through the same interface",
+    )
 
 
 # ---------------------------------------------------------------------- routing
@@ -276,7 +283,8 @@ class EbpfOptions(_Model):
     """Settings only the ebpf backend needs."""
 
     interfaces: list[Interface] = Field(
-        default=[], description="where filter rules that name no interface are attached (tc clsact)"
+        default=[], description="where kernform's tc programs attach (clsact): filter rules that name no "
+        "interface, and load balancing when loadBalancing.interfaces is empty"
     )
     cgroup: str | None = Field(
         default=None,

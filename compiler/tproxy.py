@@ -275,8 +275,9 @@ def port_set_ids(ids: Sequence[int | str]) -> str:
 
 # --------------------------------------------------------------- load balancing
 def _load_balancing(intent: NetworkIntent, b: _Builder) -> None:
+    interfaces = intent.spec.load_balancing.interfaces
     for service in intent.spec.load_balancing.services:
-        _service(service, b)
+        _service(service, b, interfaces)
 
 
 WEIGHT_SLOTS = 1 << 24
@@ -335,7 +336,7 @@ def weighted_slots(weights: Sequence[int]) -> list[int]:
     return slots
 
 
-def _service(service: Service, b: _Builder) -> None:
+def _service(service: Service, b: _Builder, interfaces: Sequence[str] = ()) -> None:
     origin = f"loadBalancing/{service.name}"
     family = ipaddress.ip_address(service.vip).version
     l3 = _FAMILY[family][0]
@@ -352,7 +353,8 @@ def _service(service: Service, b: _Builder) -> None:
         f"{l3} daddr {service.vip} {service.protocol} dport {service.port} {counter} "
         f"dnat {l3} to {expression} map @{map_name}"
     )
-    b.rule("lb_pre", service.name, text, origin, [map_name])
+    iif = f"iifname {_names(interfaces)} " if interfaces else ""
+    b.rule("lb_pre", service.name, iif + text, origin, [map_name])
     b.rule("lb_out", service.name, text, origin, [map_name])
 
 

@@ -6,9 +6,11 @@ Ownership (how a fresh process knows what is ours, with no memory of earlier run
     below it: bpffs is host-wide, and the same intent applied in two network
     namespaces must not share (or sweep) each other's pins;
   - tc filters on a clsact qdisc at kernform's own priority and handle
-    (TC_PREF / TC_HANDLE, 0x4b46 = "KF") whose bpf name starts with
-    `kf_<intent>/`; filters at other priorities or handles are foreign and a
-    filter of someone else at ours is a conflict we refuse to overwrite;
+    (TC_PREF / TC_HANDLE, 0x4b46 = "KF", for tc_filter; TC_PREF_LB 0x4b45 and
+    a handle derived from the intent's name for tc_lb, see tc_slot) whose bpf
+    name starts with `kf_<intent>/`; filters at other priorities or handles
+    are foreign and a filter of someone else at ours is a conflict we refuse
+    to overwrite;
   - cgroup and network-namespace attachments made through bpf_links pinned in
     our directory (the link pin IS the attachment; programs attached by others
     to the same cgroup are never touched, links are multi-attach);
@@ -93,6 +95,7 @@ import struct
 import tempfile
 import threading
 import urllib.parse
+import zlib
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +118,19 @@ BTF_VMLINUX = Path("/sys/kernel/btf/vmlinux")
 
 TC_PREF = 0x4B46
 TC_HANDLE = 0x4B46
+# tc_lb runs before tc_filter on the same hook (as nft's prerouting DNAT runs before the forward
+# filter): its filter sits one priority earlier and passes packets on with TC_ACT_UNSPEC.
+# Every intent's tc_lb runs (they pass packets on), so each has its own handle there, derived from
+# its name; tc_filter ends classification, so one intent owns an interface's filter slot.
+TC_PREF_LB = 0x4B45
+_LB_FUNCTIONS = frozenset({"kf_lb_ingress", "kf_lb_egress"})
+
+
+def tc_slot(function: str, intent: str) -> tuple[int, int]:
+    """(pref, handle) of a function's cls_bpf filter."""
+    if function in _LB_FUNCTIONS:
+        return TC_PREF_LB, 0x4B450000 | zlib.crc32(intent.encode()) & 0xFFFF
+    return TC_PREF, TC_HANDLE
 PROGRAM_PREFIX = "kf_"
 
 # enum bpf_prog_type / bpf_attach_type values (uapi/linux/bpf.h); bcc lacks several.
@@ -135,7 +151,9 @@ PROG_TYPE_NAMES = {3: "sched_cls", 13: "sock_ops", 18: "cgroup_sock_addr", 25: "
 # Helper ids (enum bpf_func_id) a function needs beyond map access; probed before the first load.
 H_KTIME_GET_NS, H_GET_PRANDOM_U32, H_GET_CURRENT_UID_GID, H_SKB_PULL_DATA = 5, 7, 15, 39
 H_GET_SOCKET_COOKIE, H_GET_CURRENT_CGROUP_ID, H_SK_RELEASE, H_GET_NETNS_COOKIE, H_SK_ASSIGN = 46, 80, 86, 122, 124
-HELPER_NAMES = {5: "ktime_get_ns", 7: "get_prandom_u32", 15: "get_current_uid_gid", 39: "skb_pull_data",
+H_SKB_STORE_BYTES, H_L3_CSUM_REPLACE, H_L4_CSUM_REPLACE, H_CSUM_DIFF = 9, 10, 11, 28
+HELPER_NAMES = {5: "ktime_get_ns", 7: "get_prandom_u32", 9: "skb_store_bytes", 10: "l3_csum_replace",
+                11: "l4_csum_replace", 15: "get_current_uid_gid", 28: "csum_diff", 39: "skb_pull_data",
                 46: "get_socket_cookie", 80: "get_current_cgroup_id", 86: "sk_release",
                 122: "get_netns_cookie", 124: "sk_assign"}
 
@@ -153,6 +171,10 @@ _LB = (H_GET_PRANDOM_U32, H_GET_SOCKET_COOKIE)  # + the affinity helper, chosen 
 FUNCTIONS: dict[str, Function] = {
     "kf_tc_ingress": Function(PROG_SCHED_CLS, -1, (H_KTIME_GET_NS, H_SKB_PULL_DATA)),
     "kf_tc_egress": Function(PROG_SCHED_CLS, -1, (H_KTIME_GET_NS, H_SKB_PULL_DATA)),
+    "kf_lb_ingress": Function(PROG_SCHED_CLS, -1, (H_SKB_PULL_DATA, H_SKB_STORE_BYTES, H_L3_CSUM_REPLACE,
+                                                   H_L4_CSUM_REPLACE, H_CSUM_DIFF)),
+    "kf_lb_egress": Function(PROG_SCHED_CLS, -1, (H_SKB_PULL_DATA, H_SKB_STORE_BYTES, H_L3_CSUM_REPLACE,
+                                                  H_L4_CSUM_REPLACE, H_CSUM_DIFF)),
     "kf_sk_lookup": Function(PROG_SK_LOOKUP, ATTACH_SK_LOOKUP, (H_SK_ASSIGN, H_SK_RELEASE)),
     "kf_connect4": Function(PROG_CGROUP_SOCK_ADDR, 10, (H_GET_CURRENT_UID_GID, *_LB)),
     "kf_connect6": Function(PROG_CGROUP_SOCK_ADDR, 11, (H_GET_CURRENT_UID_GID, *_LB)),
@@ -550,7 +572,7 @@ class BpfDriver:
         for name, dirs in sorted(self._program_dirs(intent).items()):
             ranked = []
             for pdir in dirs:
-                live = self._live_attachments(pdir)
+                live = self._live_attachments(intent, pdir)
                 source = pdir.source()
                 ranked.append((len(live), source is not None, pdir.path.stat().st_mtime_ns, pdir, live, source))
             _, _, _, primary, live, source = max(ranked, key=lambda r: r[:3])
@@ -598,7 +620,7 @@ class BpfDriver:
             groups.setdefault(name, []).append(_PinDir(root / entry, name, digest))
         return groups
 
-    def _live_attachments(self, pdir: _PinDir) -> list[tuple[str, str]]:
+    def _live_attachments(self, intent: str, pdir: _PinDir) -> list[tuple[str, str]]:
         live = []
         for function, text in pdir.prog_pins():
             try:
@@ -613,7 +635,7 @@ class BpfDriver:
                 if self._link_state(pdir.link_pin(function, text), point, prog_id) == "live":
                     live.append((function, text))
             else:
-                current = self._tc_filter(point)
+                current = self._tc_filter(point, tc_slot(function, intent))
                 if current is not None and current.prog_id == prog_id:
                     live.append((function, text))
         return live
@@ -1099,9 +1121,10 @@ class BpfDriver:
             raise KernelError(f"{point.text}: there is no interface {point.ifname} in {self._where}")
         parent = _TC_PARENT[point.direction]
         prog_fd, prog_id = item.fds[fn], item.ids[fn]
-        current = self._tc_filter(point)
+        slot = tc_slot(fn, intent)
+        current = self._tc_filter(point, slot)
         name = self._tc_filter_name(intent, item.program, fn)
-        where = f"tc filter {point.direction} pref {TC_PREF:#x} handle {TC_HANDLE:#x} on {point.ifname} in {self._where}"
+        where = f"tc filter {point.direction} pref {slot[0]:#x} handle {slot[1]:#x} on {point.ifname} in {self._where}"
         try:
             if current is None:
                 if self._tc.add_clsact(ifindex):
@@ -1109,8 +1132,8 @@ class BpfDriver:
                     marker = self._clsact_marker(intent, point.ifname)
                     marker.mkdir(exist_ok=True)
                     journal.did(f"add clsact to {point.ifname}", self._clsact_dropper(ifindex, marker))
-                self._tc.set_filter(ifindex, parent, prog_fd, name, replace=False)
-                journal.did(f"add {where}", lambda: self._tc.delete_filter(ifindex, parent))
+                self._tc.set_filter(ifindex, parent, slot, prog_fd, name, replace=False)
+                journal.did(f"add {where}", lambda: self._tc.delete_filter(ifindex, parent, slot))
                 return 1
             if current.prog_id == prog_id:
                 return 0
@@ -1119,11 +1142,11 @@ class BpfDriver:
                     PROGRAM_PREFIX) else f"someone else ({current.name or 'no name'})"
                 raise KernelError(f"{where} is taken by {owner}; kernform does not overwrite it")
             old_fd = libbpf_prog_fd_by_id(current.prog_id)
-            self._tc.set_filter(ifindex, parent, prog_fd, name, replace=True)
+            self._tc.set_filter(ifindex, parent, slot, prog_fd, name, replace=True)
 
             def undo() -> None:
                 try:
-                    self._tc.set_filter(ifindex, parent, old_fd, current.name, replace=True)
+                    self._tc.set_filter(ifindex, parent, slot, old_fd, current.name, replace=True)
                 finally:
                     os.close(old_fd)
 
@@ -1337,7 +1360,8 @@ class BpfDriver:
                 if fd is None:
                     continue
                 prog_id = libbpf.prog_info(fd).id
-            current = self._tc_filter(point)
+            slot = tc_slot(fn, intent)
+            current = self._tc_filter(point, slot)
             if current is None or current.prog_id != prog_id:
                 continue  # not attached, or already running the new program
             ifindex = self._ifindex(point.ifname)
@@ -1345,16 +1369,16 @@ class BpfDriver:
             parent = _TC_PARENT[point.direction]
             prog_pin = pdir.prog_pin(fn, text)
             try:
-                self._tc.delete_filter(ifindex, parent)
+                self._tc.delete_filter(ifindex, parent, slot)
             except OSError as exc:
                 raise KernelError(f"cannot remove tc filter {point.direction} from {point.ifname} in "
                                   f"{self._where}: {exc.strerror}") from exc
 
             def undo(ifindex: int = ifindex, parent: int = parent, prog_pin: Path = prog_pin,
-                     name: str = current.name) -> None:
+                     name: str = current.name, slot: tuple[int, int] = slot) -> None:
                 with _opened(prog_pin) as fd:
                     if fd is not None:
-                        self._tc.set_filter(ifindex, parent, fd, name, replace=False)
+                        self._tc.set_filter(ifindex, parent, slot, fd, name, replace=False)
 
             journal.did(f"remove tc filter on {point.ifname}", undo)
             count += 1
@@ -1445,12 +1469,12 @@ class BpfDriver:
             raise KernelError(f"cannot look up interface {ifname} in {self._where}: {exc.strerror}") from exc
         return int(struct.unpack_from("i", reply, 16)[0])
 
-    def _tc_filter(self, point: Point) -> _TcFilter | None:
+    def _tc_filter(self, point: Point, slot: tuple[int, int]) -> _TcFilter | None:
         ifindex = self._ifindex(point.ifname)
         if ifindex is None:
             return None
         try:
-            return self._tc.get_filter(ifindex, _TC_PARENT[point.direction])
+            return self._tc.get_filter(ifindex, _TC_PARENT[point.direction], slot)
         except OSError as exc:
             raise KernelError(f"cannot read tc filters of {point.ifname} in {self._where}: {exc.strerror}") from exc
 
@@ -1692,8 +1716,8 @@ class _RtnlSocket(_Netlink):
         return _TCMSG.pack(socket.AF_UNSPEC, ifindex, handle, parent, info)
 
     @staticmethod
-    def _info() -> int:
-        return (TC_PREF << 16) | socket.htons(ETH_P_ALL)
+    def _info(pref: int) -> int:
+        return (pref << 16) | socket.htons(ETH_P_ALL)
 
     def add_clsact(self, ifindex: int) -> bool:
         """Adds clsact if missing; True if it was added."""
@@ -1706,8 +1730,9 @@ class _RtnlSocket(_Netlink):
             raise
         return True
 
-    def get_filter(self, ifindex: int, parent: int) -> _TcFilter | None:
-        body = self._tcmsg(ifindex, TC_HANDLE, parent, self._info()) + _nla(TCA_KIND, b"bpf\0")
+    def get_filter(self, ifindex: int, parent: int, slot: tuple[int, int]) -> _TcFilter | None:
+        pref, handle = slot
+        body = self._tcmsg(ifindex, handle, parent, self._info(pref)) + _nla(TCA_KIND, b"bpf\0")
         try:
             replies = self.transact(RTM_GETTFILTER, NLM_F_ACK, body)
         except OSError as exc:
@@ -1718,9 +1743,9 @@ class _RtnlSocket(_Netlink):
         for kind, payload in replies:
             if kind != RTM_NEWTFILTER:
                 continue
-            _, _, handle, _, _ = _TCMSG.unpack_from(payload)
+            _, _, reply_handle, _, _ = _TCMSG.unpack_from(payload)
             attrs = _attrs(payload, _TCMSG.size)
-            if handle != TC_HANDLE or attrs.get(TCA_KIND, b"").rstrip(b"\0") != b"bpf":
+            if reply_handle != handle or attrs.get(TCA_KIND, b"").rstrip(b"\0") != b"bpf":
                 continue
             options = _attrs(attrs.get(TCA_OPTIONS, b""))
             prog_id = struct.unpack("=I", options[TCA_BPF_ID][:4])[0] if TCA_BPF_ID in options else 0
@@ -1728,16 +1753,19 @@ class _RtnlSocket(_Netlink):
             return _TcFilter(prog_id, name)
         return None
 
-    def set_filter(self, ifindex: int, parent: int, prog_fd: int, name: str, *, replace: bool) -> None:
+    def set_filter(self, ifindex: int, parent: int, slot: tuple[int, int], prog_fd: int, name: str, *,
+                   replace: bool) -> None:
+        pref, handle = slot
         options = (_nla(TCA_BPF_FD, struct.pack("=I", prog_fd)) + _nla(TCA_BPF_NAME, name.encode() + b"\0")
                    + _nla(TCA_BPF_FLAGS, struct.pack("=I", TCA_BPF_FLAG_ACT_DIRECT)))
-        body = (self._tcmsg(ifindex, TC_HANDLE, parent, self._info()) + _nla(TCA_KIND, b"bpf\0")
+        body = (self._tcmsg(ifindex, handle, parent, self._info(pref)) + _nla(TCA_KIND, b"bpf\0")
                 + _nla(TCA_OPTIONS | NLA_F_NESTED, options))
         flags = NLM_F_ACK | NLM_F_CREATE | (NLM_F_REPLACE if replace else NLM_F_EXCL)
         self.transact(RTM_NEWTFILTER, flags, body)
 
-    def delete_filter(self, ifindex: int, parent: int) -> None:
-        body = self._tcmsg(ifindex, TC_HANDLE, parent, self._info()) + _nla(TCA_KIND, b"bpf\0")
+    def delete_filter(self, ifindex: int, parent: int, slot: tuple[int, int]) -> None:
+        pref, handle = slot
+        body = self._tcmsg(ifindex, handle, parent, self._info(pref)) + _nla(TCA_KIND, b"bpf\0")
         self.transact(RTM_DELTFILTER, NLM_F_ACK, body)
 
     def has_clsact(self, ifindex: int) -> bool:

@@ -2,9 +2,10 @@
 
 Every test runs against tproxy and ebpf. Where the backends differ in what a
 user can observe, the test says why (and the README's backend section lists
-the differences): the ebpf backend balances at the socket, so only processes
-in the intent's cgroup on the host that applies it are balanced, not traffic
-forwarded from other hosts.
+the differences): for the gateway's own processes, the ebpf backend balances
+at the socket, so only processes in the intent's cgroup are balanced; traffic
+forwarded from other hosts is balanced by both (ebpf: tc_lb on the intent's
+interfaces).
 """
 
 from __future__ import annotations
@@ -82,16 +83,19 @@ def applied(gw: Target, backend: str) -> Iterator[Target]:
 
 
 def balanced_get(m: LabMap, backend: str, intent: str, host: str, port: int, **kw: object) -> list[dict]:
-    """A client of a load-balanced service: from the client namespace through the gateway (tproxy balances
-    forwarded traffic), or on the gateway inside the intent's cgroup (ebpf balances at the socket)."""
-    if backend == "ebpf":
-        return lab_mod.client_get(m, host, port, ns=m.gw_ns, cgroup=intent_cgroup(intent), **kw)  # type: ignore[arg-type]
+    """A client of a load-balanced service in the client namespace: its connections are forwarded through
+    the gateway (tproxy: nft DNAT in prerouting; ebpf: tc_lb on gw-client)."""
     return lab_mod.client_get(m, host, port, **kw)  # type: ignore[arg-type]
 
 
+def local_get(m: LabMap, backend: str, intent: str, host: str, port: int, **kw: object) -> list[dict]:
+    """A client of a load-balanced service on the gateway itself (tproxy: nft DNAT in output; ebpf: at
+    connect(), for processes in the intent's cgroup)."""
+    cgroup = intent_cgroup(intent) if backend == "ebpf" else None
+    return lab_mod.client_get(m, host, port, ns=m.gw_ns, cgroup=cgroup, **kw)  # type: ignore[arg-type]
+
+
 def client_address(m: LabMap, backend: str, family: int = 4) -> str:
-    if backend == "ebpf":
-        return m.gw_bridge_v4.split("/")[0] if family == 4 else m.gw_bridge_v6.split("/")[0]
     return m.client_v4 if family == 4 else m.client_v6
 
 
@@ -131,6 +135,40 @@ def test_source_hash_keeps_a_client_on_one_backend_ipv6(servers: LabMap, applied
     replies = balanced_get(servers, backend, "edge-gateway", "fd70:100::10", 80, count=30)
     assert len({r["server"] for r in replies if "error" not in r}) == 1
     assert {r["client_ip"] for r in replies} == {client_address(servers, backend, 6)}
+
+
+def test_a_weight_change_is_a_map_only_change_and_takes_effect(servers: LabMap, applied: Target, backend: str) -> None:
+    def tc_programs() -> str:
+        return ip(servers.gw_ns, "-d", "link", "show", "gw-client") + subprocess.run(
+            ["ip", "netns", "exec", servers.gw_ns, "tc", "filter", "show", "dev", "gw-client", "ingress"],
+            capture_output=True, text=True, check=True).stdout
+
+    before = tc_programs()
+    text = (EXAMPLES / "edge-gateway.yaml").read_text()
+    text = text.replace("port: 8080, weight: 2 }", "port: 8080, weight: 1 }").replace(
+        "{ address: 10.70.2.13, port: 8080, weight: 1 }", "{ address: 10.70.2.13, port: 8080, weight: 6 }")
+    changed = compile_intent(parse_text(text, "edge-gateway.yaml").intent, backend)
+    result = apply(applied, changed)
+    assert result.plan.actions and {a.kind for a in result.plan.actions} == (
+        {"bpf.entry"} if backend == "ebpf" else {"nft.element"}), result.plan.counts()
+    assert tc_programs() == before  # the same programs (ids) at the same places
+    hits = collections.Counter(r.get("server") for r in balanced_get(servers, backend, "edge-gateway",
+                                                                     "10.70.100.10", 80, count=240))
+    # weights 1:1:6 -> expected 30/30/180
+    assert hits["b3"] >= 140 and hits["b1"] + hits["b2"] <= 100, hits
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_the_gateways_own_processes_are_balanced(servers: LabMap, applied: Target, backend: str, family: int) -> None:
+    vip = "10.70.100.10" if family == 4 else "fd70:100::10"
+    replies = local_get(servers, backend, "edge-gateway", vip, 80, count=60)
+    assert all("error" not in r for r in replies), replies[:3]
+    assert len({r["server"] for r in replies}) >= (2 if family == 4 else 1)
+    # The source is one of the gateway's own addresses (tproxy picks it by the route to the VIP, before
+    # the output DNAT; ebpf by the route to the backend chosen at connect()).
+    addresses = json.loads(ip(servers.gw_ns, "-j", "address", "show"))
+    own = {a["local"] for link in addresses for a in link.get("addr_info", [])}
+    assert {r["client_ip"] for r in replies} <= own
 
 
 def test_udp_service_is_balanced(servers: LabMap, gw: Target, backend: str) -> None:
