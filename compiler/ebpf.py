@@ -14,7 +14,9 @@ map update. What goes where:
 - load balancing and outbound interception: cgroup programs
   (bpf/sock_connect.c) rewrite connect()/sendmsg() destinations at the socket
   for processes in the intent's cgroup; the proxy learns the original
-  destination with getsockopt(SO_ORIGINAL_DST).
+  destination with getsockopt(SO_ORIGINAL_DST). Connections from other hosts
+  are balanced by tc programs (bpf/tc_lb.c) on loadBalancing.interfaces:
+  DNAT at ingress from the same service and backend maps, reverse at egress.
 - routing: the same ip rules and routes as the tproxy backend.
 
 Differences from tproxy that a user can observe are raised here as
@@ -25,13 +27,15 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-from collections.abc import Iterable, Sequence
+from bisect import bisect_right, insort
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 
 from . import bpf_layout as L
 from . import maglev
-from .cidr import Prefix, collapsed_prefixes
+from .cidr import Prefix, collapse_in, collapsed_prefixes
 from .errors import BackendUnavailable
 from .intent import FilterChain, FilterRule, InterceptionRule, NetworkIntent, Service, parse_port_range
 from .objects import (
@@ -80,15 +84,16 @@ def max_rules_setting(count: int, what: str) -> int:
 def lpm_values(prefix_bits: dict[Network, int]) -> dict[Network, int]:
     """Each prefix's bitmap ORed with those of every prefix containing it (an LPM lookup sees only the longest)."""
     lengths = sorted({n.prefixlen for n in prefix_bits})
-    result = {}
-    for network, bits in prefix_bits.items():
-        total = bits
-        for length in lengths:
-            if length >= network.prefixlen:
-                break
-            total |= prefix_bits.get(network.supernet(length), 0)
-        result[network] = total
-    return result
+    return {network: _lpm_value(network, prefix_bits, lengths) for network in prefix_bits}
+
+
+def _lpm_value(network: Network, prefix_bits: dict[Network, int], lengths: list[int]) -> int:
+    total = prefix_bits[network]
+    for length in lengths:
+        if length >= network.prefixlen:
+            break
+        total |= prefix_bits.get(network.supernet(length), 0)
+    return total
 
 
 def _any(family: int) -> Network:
@@ -113,8 +118,76 @@ class _Program:
         self.entries.append(shared(BpfMapEntry, self.name, map_name, key.hex(), value.hex(), "", origin))
 
     def lpm(self, map_prefix: str, prefix_bits: dict[Network, int], words: int, origin: str) -> None:
-        for network, bits in sorted(lpm_values(prefix_bits).items()):
-            self.entry(f"{map_prefix}_v{network.version}", L.lpm_key(network), L.bitmap(bits, words), origin)
+        def make(network: Network, bits: int) -> BpfMapEntry:
+            return shared(BpfMapEntry, self.name, f"{map_prefix}_v{network.version}", L.lpm_key(network).hex(),
+                          L.bitmap(bits, words).hex(), "", origin)
+
+        slot = (self.name, map_prefix, words, origin)
+        table = _LPM_TABLES.get(slot)
+        if table is None:
+            if len(_LPM_TABLES) >= 256:
+                _LPM_TABLES.clear()
+            table = _LPM_TABLES[slot] = _LpmTable()
+        self.entries += table.entries(prefix_bits, make)
+
+
+class _LpmTable:
+    """The entries of one LPM map pair (lpm_values of a prefix -> bitmap table), kept between compiles
+    so that a few changed prefixes cost about that: a changed prefix changes its own entry and those of
+    the prefixes inside it, nothing else. Equal to building them afresh (a test checks)."""
+
+    def __init__(self) -> None:
+        self.bits: dict[Network, int] = {}
+        self.order: list[Network] = []  # sorted prefixes of `bits`
+        self.lengths: dict[int, int] = {}  # prefix length -> how many prefixes have it
+        self.made: dict[Network, BpfMapEntry] = {}
+
+    def entries(self, prefix_bits: dict[Network, int],
+                make: Callable[[Network, int], BpfMapEntry]) -> list[BpfMapEntry]:
+        changed = {network for network, _ in prefix_bits.items() ^ self.bits.items()}
+        if len(changed) > 64 + len(prefix_bits) // 16:
+            self._rebuild(prefix_bits, make)
+        else:
+            self._update(prefix_bits, changed, make)
+        return list(map(self.made.__getitem__, self.order))
+
+    def _rebuild(self, prefix_bits: dict[Network, int], make: Callable[[Network, int], BpfMapEntry]) -> None:
+        self.bits = dict(prefix_bits)
+        self.order = sorted(prefix_bits)
+        self.lengths = {}
+        for network in self.order:
+            self.lengths[network.prefixlen] = self.lengths.get(network.prefixlen, 0) + 1
+        self.made = {network: make(network, value) for network, value in lpm_values(prefix_bits).items()}
+
+    def _update(self, prefix_bits: dict[Network, int], changed: set[Network],
+                make: Callable[[Network, int], BpfMapEntry]) -> None:
+        for network in changed:
+            if network not in prefix_bits:
+                del self.order[bisect_right(self.order, network) - 1]
+                self.lengths[network.prefixlen] -= 1
+                del self.made[network]
+            elif network not in self.bits:
+                insort(self.order, network)
+                self.lengths[network.prefixlen] = self.lengths.get(network.prefixlen, 0) + 1
+        self.bits = dict(prefix_bits)
+        lengths = sorted(length for length, count in self.lengths.items() if count)
+        affected = set()
+        for network in changed:
+            affected.add(network)
+            # the prefixes inside it follow it in sorted order
+            last = network.value + (1 << (_BITS[network.version] - network.prefixlen)) - 1
+            at = bisect_right(self.order, network)
+            while at < len(self.order) and self.order[at].version == network.version \
+                    and self.order[at].value <= last:
+                affected.add(self.order[at])
+                at += 1
+        for network in affected:
+            if network in prefix_bits:
+                self.made[network] = make(network, _lpm_value(network, prefix_bits, lengths))
+
+
+_LPM_TABLES: dict[tuple[str, str, int, str], _LpmTable] = {}
+_BITS = {4: 32, 6: 128}
 
 
 def _add_bits(table: dict[Network, int], networks: Iterable[Network], bit: int) -> None:
@@ -122,8 +195,12 @@ def _add_bits(table: dict[Network, int], networks: Iterable[Network], bit: int) 
         table[network] = table.get(network, 0) | (1 << bit)
 
 
-def _networks(cidrs: Iterable[str]) -> list[Network]:
-    return collapsed_prefixes(cidrs)
+def _networks(cidrs: Sequence[str], slot: tuple[str, ...]) -> list[Network]:
+    """Collapsed prefixes, IPv4 first; `slot` names the list so that a one-CIDR change costs about that."""
+    if len(cidrs) < 64:
+        return collapsed_prefixes(cidrs)
+    by_family = collapse_in(("ebpf", *slot), cidrs, Prefix)
+    return list(chain.from_iterable(by_family[family] for family in sorted(by_family)))
 
 
 def _program(p: _Program, attachments: list[tuple[str, str]], cflags: list[str]) -> BpfProgram:
@@ -238,8 +315,8 @@ def _filtering(intent: NetworkIntent) -> list[tuple[BpfProgram, list[BpfMapEntry
             flags = L.RULE_EGRESS if direction == "output" else L.RULE_INGRESS
             action = {"allow": L.ACT_ALLOW, "deny": L.ACT_DENY, "rate-limit": L.ACT_RATE_LIMIT}[rule.action]
             rate, burst = _rate(rule, where) if rule.action == "rate-limit" else (0, 0)
-            sources = _networks(rule.sources) or [_any(4), _any(6)]
-            destinations = _networks(rule.destinations) or [_any(4), _any(6)]
+            sources = _networks(rule.sources, (where, "sources")) or [_any(4), _any(6)]
+            destinations = _networks(rule.destinations, (where, "destinations")) or [_any(4), _any(6)]
             protos = {"any": [0], "tcp": [6], "udp": [17], "icmp": [1, 58]}[rule.protocol]
             for proto in protos:
                 for ports in _port_ranges(rule.ports):
@@ -290,14 +367,15 @@ def _intercept_tables(rules: Sequence[InterceptionRule], where_prefix: str,
         if rule.exclude.marks:
             raise BackendUnavailable(f"{where_prefix}/{rule.name}: the ebpf backend cannot exclude by mark; "
                                      "exclude the proxy by uid or gid instead")
-        destinations = _networks(rule.destinations) or [_any(4), _any(6)]
+        where = f"{where_prefix}/{rule.name}"
+        destinations = _networks(rule.destinations, (where, "destinations")) or [_any(4), _any(6)]
         assert rule.proxy_port is not None
         for proto_name in rule.protocols:
             proto = _PROTO[proto_name]
             slot = 0
             if slots is not None:
                 slot = slots.setdefault((rule.proxy_port, proto), len(slots))
-            for network in _networks(rule.exclude.destinations):
+            for network in _networks(rule.exclude.destinations, (where, "exclude.destinations")):
                 _add_bits(bits, [network], len(descriptors))
                 descriptors.append(_InterceptDescriptor(L.ICPT_BYPASS, proto, FULL_PORTS, 0, 0, counter))
             for ports in [parse_port_range(p) for p in rule.exclude.ports]:
@@ -332,7 +410,8 @@ def _inbound_interception(intent: NetworkIntent, routing: list[KernelObject]) ->
     families: dict[int, set[int]] = {}
     for rule in rules:
         assert rule.proxy_port is not None
-        versions = {n.version for n in _networks(rule.destinations)} or {4, 6}
+        versions = {n.version for n in _networks(rule.destinations, (f"interception/{rule.name}", "destinations"))}
+        versions = versions or {4, 6}
         for proto_name in rule.protocols:
             families.setdefault(slots[(rule.proxy_port, _PROTO[proto_name])], set()).update(versions)
     for (port, proto), slot in sorted(slots.items(), key=lambda i: i[1]):
@@ -344,11 +423,12 @@ def _inbound_interception(intent: NetworkIntent, routing: list[KernelObject]) ->
     for index, rule in enumerate(rules):
         table = section.routing_table + index
         origin = f"interception/{rule.name} (local delivery)"
-        destinations = _networks(rule.destinations) or [_any(4), _any(6)]
+        where = f"interception/{rule.name}"
+        destinations = _networks(rule.destinations, (where, "destinations")) or [_any(4), _any(6)]
         for network in destinations:
             routing.append(ip_route(network.version, table, network.with_prefixlen, type="local",
                                     nexthops=_lo(), origin=origin))
-        for network in _networks(rule.exclude.destinations):
+        for network in _networks(rule.exclude.destinations, (where, "exclude.destinations")):
             routing.append(ip_route(network.version, table, network.with_prefixlen, type="throw", origin=origin))
         rule_families = sorted({n.version for n in destinations})
         for family in rule_families:

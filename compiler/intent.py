@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidatorFunctionWrapHandler, WrapValidator
 
 from . import cidr
 
@@ -103,6 +103,20 @@ Name = Annotated[
 Cidr = Annotated[
     str, AfterValidator(_check_cidr), Field(description="IPv4 or IPv6 CIDR, or a single address")
 ]
+
+
+def _check_cidr_list(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """A list of CIDRs at dict-lookup speed for texts seen before (a daemon re-reading a 10,000-CIDR
+    blocklist); anything unusual goes item by item through pydantic, which says where it is wrong."""
+    if type(value) is list:
+        try:
+            return cidr.canonical_list(value)
+        except (TypeError, ValueError):
+            pass
+    return handler(value)
+
+
+CidrList = Annotated[list[Cidr], WrapValidator(_check_cidr_list)]
 Address = Annotated[str, AfterValidator(_check_address), Field(description="IPv4 or IPv6 address")]
 Port = Annotated[int, Field(ge=1, le=65535)]
 PortSpec = Annotated[
@@ -122,8 +136,8 @@ Protocol = Literal["tcp", "udp"]
 class InterceptionExclusions(_Model):
     """Traffic that a rule must leave alone, most importantly the proxy's own connections (uids/gids/marks)."""
 
-    sources: list[Cidr] = []
-    destinations: list[Cidr] = []
+    sources: CidrList = []
+    destinations: CidrList = []
     ports: list[PortSpec] = []
     uids: list[IdRange] = Field(default=[], description="outbound only: process owner uids not intercepted")
     gids: list[IdRange] = Field(default=[], description="outbound only: process group ids not intercepted")
@@ -142,8 +156,8 @@ class InterceptionRule(_Model):
     direction: Literal["inbound", "outbound"]
     protocols: list[Protocol] = Field(default=["tcp"], min_length=1)
     interfaces: list[Interface] = Field(default=[], description="inbound: input interfaces (empty: any)")
-    sources: list[Cidr] = []
-    destinations: list[Cidr] = []
+    sources: CidrList = []
+    destinations: CidrList = []
     ports: list[PortSpec] = Field(default=[], description="destination ports (empty: any)")
     exclude: InterceptionExclusions = InterceptionExclusions()
     proxy_port: Port | None = Field(default=None, description="the local proxy's listening port")
@@ -255,8 +269,8 @@ class FilterRule(_Model):
     interfaces: list[Interface] = Field(
         default=[], description="input/forward: in-interface; output: out-interface"
     )
-    sources: list[Cidr] = []
-    destinations: list[Cidr] = []
+    sources: CidrList = []
+    destinations: CidrList = []
     protocol: Literal["tcp", "udp", "icmp", "any"] = "any"
     ports: list[PortSpec] = Field(default=[], description="destination ports (tcp/udp)")
     rate_limit: RateLimit | None = Field(

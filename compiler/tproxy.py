@@ -40,6 +40,7 @@ from .objects import (
     ip_rule,
     nft_table_name,
     shared,
+    shared_each,
 )
 from .routing import lower_routing, parse_mark
 
@@ -61,9 +62,12 @@ CHAINS: dict[str, tuple[str, str, int]] = {
 _FAMILY = {4: ("ip", "ipv4_addr", "ipv4"), 6: ("ip6", "ipv6_addr", "ipv6")}
 
 
-def split_by_family(cidrs: Iterable[str]) -> dict[int, list[str]]:
-    """Collapsed, sorted CIDRs per family (4, 6) as nft elements: interval sets reject overlapping prefixes."""
-    return cidr.collapse_to_elements(cidrs)
+def split_by_family(cidrs: Sequence[str], slot: tuple[str, ...]) -> dict[int, list[str]]:
+    """Collapsed, sorted CIDRs per family (4, 6) as nft elements: interval sets reject overlapping prefixes.
+    `slot` names the list, so that recompiling after a one-CIDR change costs about one CIDR."""
+    if len(cidrs) < 64:
+        return cidr.collapse_to_elements(cidrs)
+    return cidr.collapse_in(("tproxy", *slot), cidrs, cidr.element_text)
 
 
 def port_set(ports: Sequence[int | str]) -> str:
@@ -93,7 +97,7 @@ class _Builder:
     def cidr_set(self, name: str, family: int, cidrs: list[str], origin: str) -> str:
         decl = f"type {_FAMILY[family][1]}; flags interval;"
         self.objects.append(NftSet(self.table, name, digest(decl), False, decl, origin))
-        self.objects += [shared(NftElement, self.table, name, c, None, origin) for c in cidrs]
+        self.objects += shared_each(NftElement, (self.table, name), cidrs, (None, origin))
         return "@" + name
 
     def counter(self, name: str, origin: str) -> str:
@@ -184,10 +188,10 @@ def _interception(intent: NetworkIntent, b: _Builder, routing: list[KernelObject
 
 def _interception_rule(rule: InterceptionRule, b: _Builder, set_mark: str, match_mark: str) -> None:
     origin = f"interception/{rule.name}"
-    dst = split_by_family(rule.destinations)
-    src = split_by_family(rule.sources)
-    xdst = split_by_family(rule.exclude.destinations)
-    xsrc = split_by_family(rule.exclude.sources)
+    dst = split_by_family(rule.destinations, (origin, "destinations"))
+    src = split_by_family(rule.sources, (origin, "sources"))
+    xdst = split_by_family(rule.exclude.destinations, (origin, "exclude.destinations"))
+    xsrc = split_by_family(rule.exclude.sources, (origin, "exclude.sources"))
     for family in _families_for([dst, src]):
         l3 = _FAMILY[family][0]
         # The sets are shared by the rule's tcp and udp variants.
@@ -382,8 +386,8 @@ def _filtering(intent: NetworkIntent, b: _Builder) -> None:
 def _filter_rule(direction: str, rule: FilterRule, b: _Builder) -> None:
     origin = f"filtering.{direction}/{rule.name}"
     chain = f"filter_{direction}"
-    src = split_by_family(rule.sources)
-    dst = split_by_family(rule.destinations)
+    src = split_by_family(rule.sources, (origin, "sources"))
+    dst = split_by_family(rule.destinations, (origin, "destinations"))
     prefix = f"f_{direction}_{rule.name}"
     counter = b.counter(prefix, origin)
     pass_counter = b.counter(prefix + "_pass", origin) if rule.action == "rate-limit" else ""

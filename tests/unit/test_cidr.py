@@ -42,3 +42,44 @@ def test_canonical_matches_ipaddress(text: str) -> None:
 def test_invalid_is_rejected(text: str) -> None:
     with pytest.raises(ValueError):
         cidr.canonical(text)
+
+
+def _random_cidr(rng: random.Random) -> str:
+    if rng.random() < 0.8:
+        n = rng.choice([8, 16, 23, 24, 24, 25, 30, 31, 32, 32, 32])
+        # a narrow address space, so that inputs overlap, nest and merge
+        value = (10 << 24 | rng.getrandbits(12) << 8 | rng.getrandbits(8)) >> (32 - n) << (32 - n)
+        text = str(ipaddress.IPv4Network((value, n)))
+        return text.removesuffix("/32") if n == 32 and rng.random() < 0.3 else text
+    n = rng.choice([48, 64, 127, 128])
+    return str(ipaddress.IPv6Network(((0xFD00 << 112 | rng.getrandbits(20) << 96) >> (128 - n) << (128 - n), n)))
+
+
+def test_incremental_collapse_equals_collapse_through_a_series_of_edits() -> None:
+    rng = random.Random(11)
+    texts = [_random_cidr(rng) for _ in range(2000)]
+    incremental = cidr.IncrementalCollapse(cidr.element_text)
+    for step in range(300):
+        for _ in range(rng.choice([1, 1, 2, 5, 40])):
+            if texts and rng.random() < 0.5:
+                texts.pop(rng.randrange(len(texts)))
+            else:
+                texts.insert(rng.randrange(len(texts) + 1), _random_cidr(rng))
+        if step % 50 == 49:
+            texts = texts[: len(texts) // 2]  # a large change: rebuilt from scratch
+        assert incremental(texts) == cidr.collapse_to_elements(texts), step
+
+
+def test_incremental_collapse_reuses_the_objects_of_unchanged_blocks() -> None:
+    incremental = cidr.IncrementalCollapse(lambda family, value, length: [family, value, length])
+    first = incremental(["10.0.0.0/24", "10.0.2.0/24"])
+    second = incremental(["10.0.0.0/24", "10.0.2.0/24", "10.0.9.0/24"])
+    assert second[4][0] is first[4][0] and second[4][1] is first[4][1]
+
+
+def test_incremental_collapse_survives_a_bad_text() -> None:
+    incremental = cidr.IncrementalCollapse(cidr.element_text)
+    incremental(["10.0.0.0/24"])
+    with pytest.raises(ValueError):
+        incremental(["10.0.0.0/24", "10.0.0.1/24"])
+    assert incremental(["10.0.1.0/24"]) == {4: ["10.0.1.0/24"]}

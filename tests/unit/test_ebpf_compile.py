@@ -65,3 +65,34 @@ def test_program_settings_come_from_the_compiler() -> None:
 def test_what_the_ebpf_backend_cannot_express_is_refused_with_a_reason(body: str, reason: str) -> None:
     with pytest.raises(BackendUnavailable, match=reason):
         compiled(body)
+
+
+def test_lpm_entries_kept_between_compiles_equal_entries_built_afresh() -> None:
+    import random
+
+    from compiler import ebpf
+    from compiler.cidr import Prefix
+
+    rng = random.Random(5)
+
+    def random_prefix() -> Prefix:
+        length = rng.choice([0, 8, 16, 24, 24, 28, 32, 32])
+        value = (10 << 24 | rng.getrandbits(10) << 8 | rng.getrandbits(8)) >> (32 - length) << (32 - length)
+        return Prefix(4, value if length else 0, length)
+
+    def fresh(bits: dict[Prefix, int]) -> list[tuple[Prefix, int]]:
+        return sorted(ebpf.lpm_values(bits).items())
+
+    bits = {random_prefix(): rng.getrandbits(4) | 1 for _ in range(1500)}
+    table = ebpf._LpmTable()
+    for step in range(200):
+        for _ in range(rng.choice([1, 1, 3, 30])):
+            roll = rng.random()
+            if roll < 0.4 and bits:
+                del bits[rng.choice(list(bits))]
+            elif roll < 0.7 and bits:
+                bits[rng.choice(list(bits))] = rng.getrandbits(4) | 1
+            else:
+                bits[random_prefix()] = rng.getrandbits(4) | 1
+        entries = table.entries(bits, lambda network, value: (network, value))  # type: ignore[arg-type,return-value]
+        assert entries == fresh(bits), step
