@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from array import array
+from collections import Counter
+from collections.abc import Iterable
 
 from .cidr import Prefix
 
@@ -35,6 +38,10 @@ CONFIG_MAPS: dict[str, tuple[str, ...]] = {
     ),
 }
 ARRAY_MAPS = frozenset({"rules", "config", "intercept_rules", "maglev", "backends_v4", "backends_v6"})
+# Array maps held as rows: one entry per service for its KF_MAGLEV_SIZE consecutive slots, keyed by
+# the first slot, valued by all of them. A weight change is then one object to diff and show, not
+# thousands; the reconciler writes only the slots that differ. Map -> the setting giving the row length.
+ROW_MAPS = {"maglev": "KF_MAGLEV_SIZE"}
 
 U32 = struct.Struct("<I")
 LPM_V4 = struct.Struct("<I4s")
@@ -59,6 +66,23 @@ def lpm_key(network: ipaddress.IPv4Network | ipaddress.IPv6Network | Prefix) -> 
     layout = LPM_V4 if network.version == 4 else LPM_V6
     packed = network.packed if isinstance(network, Prefix) else network.network_address.packed
     return layout.pack(network.prefixlen, packed)
+
+
+def slot_row(table: list[int], offset: int) -> bytes:
+    """A maglev row: u32 `offset + backend` per slot (offset = the service's first backend index + 1)."""
+    return array("I", [offset + chosen for chosen in table]).tobytes()
+
+
+def row_length(map_name: str, cflags: Iterable[str]) -> int | None:
+    """Slots per row of a ROW_MAPS map, from the program's settings (None: not a row map, or unset)."""
+    setting = ROW_MAPS.get(map_name)
+    if setting is None:
+        return None
+    for flag in cflags:
+        name, _, value = flag.removeprefix("-D").partition("=")
+        if name == setting:
+            return int(value)
+    return None
 
 
 def bitmap(bits: int, words: int) -> bytes:
@@ -120,7 +144,15 @@ def _label(map_name: str, key: bytes, value: bytes) -> str:
         ip = ipaddress.ip_address(addr)
         return f"[{index}] {ip}:{port}" if ip.version == 4 else f"[{index}] [{ip}]:{port}"
     if map_name == "maglev":
-        return f"[{index}] -> backend {U32.unpack(value)[0] - 1}"
+        if len(value) == U32.size:
+            return f"[{index}] -> backend {U32.unpack(value)[0] - 1}"
+        slots = array("I", value)
+        shares = Counter(slots)
+        service = index // len(slots) if index is not None else "?"
+        listed = ", ".join(f"backend {b - 1} x{n}" for b, n in sorted(shares.items())[:8] if b)
+        more = ", ..." if len(shares) > 8 else ""
+        empty = f", {shares[0]} empty" if shares.get(0) else ""
+        return f"service {service}: {len(slots)} slots from [{index}]: {listed}{more}{empty}"
     if map_name in ("exclude_uid", "exclude_gid"):
         return f"{map_name[8:]} {index} excluded"
     return f"{key.hex()} -> {value.hex()}"

@@ -552,6 +552,6 @@ def _build_service_entries(program: _Program, service: Service, svc_id: int, siz
     identities = tuple(f"{b.address}:{b.port or service.port}" for b in service.backends)
     weights = tuple(b.weight for b in service.backends)
     table = remembered(("maglev", identities, weights, size), lambda: maglev.build(list(identities), list(weights), size))
-    for slot, chosen in enumerate(table):
-        program.entry("maglev", L.U32.pack(svc_id * size + slot), L.U32.pack(first + chosen + 1), where)
+    # One entry for the service's whole row of slots (see bpf_layout.ROW_MAPS).
+    program.entry("maglev", L.U32.pack(svc_id * size), L.slot_row(table, first + 1), where)
     return program.entries

@@ -96,8 +96,11 @@ import tempfile
 import threading
 import urllib.parse
 import zlib
+from array import array
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import compress
+from operator import ne
 from pathlib import Path
 from typing import Any
 
@@ -656,7 +659,7 @@ class BpfDriver:
                 raise KernelError(f"cannot open map {path}: {exc.strerror}") from exc
             with bpf_map:
                 try:
-                    pairs = self._config_pairs(bpf_map)
+                    pairs = self._config_pairs(bpf_map, bpf_layout.row_length(map_name, pdir.cflags()))
                 except OSError as exc:
                     raise KernelError(f"cannot read map {path}: {exc.strerror}") from exc
             entries += [
@@ -667,13 +670,16 @@ class BpfDriver:
             ]
         return entries
 
-    def _config_pairs(self, bpf_map: libbpf.Map) -> list[tuple[bytes, bytes]]:
+    def _config_pairs(self, bpf_map: libbpf.Map, row: int | None = None) -> list[tuple[bytes, bytes]]:
+        """(key, value) of every configuration entry; a row map (bpf_layout.ROW_MAPS) as whole rows."""
         info = bpf_map.info
         if info.type == libbpf.MAP_SOCKMAP:
             return self._proxy_pairs(bpf_map)
         if info.type in libbpf.PERCPU_MAP_TYPES or info.type in (libbpf.MAP_LRU_HASH, libbpf.MAP_LRU_PERCPU_HASH):
             raise InternalError(f"map {info.name} is runtime state, not configuration")
         if info.type == libbpf.MAP_ARRAY:
+            if row:
+                return _nonzero_array_entries(bpf_map.array_values(), info.value_size * row, info.value_size)
             return _nonzero_array_entries(bpf_map.array_values(), info.value_size)
         return sorted(bpf_map.items())
 
@@ -978,17 +984,24 @@ class BpfDriver:
                    items: list[tuple[BpfMapEntry | None, BpfMapEntry | None]], journal: _Journal) -> int:
         info = bpf_map.info
         where = f"map {program.name}/{info.name}"
+        row = bpf_layout.row_length(info.name, program.cflags) if info.type == libbpf.MAP_ARRAY else None
+        value_size = info.value_size * (row or 1)
 
         def raw(entry: BpfMapEntry) -> tuple[bytes, bytes]:
             key, value = bytes.fromhex(entry.key_hex), bytes.fromhex(entry.value_hex)
             if len(key) != info.key_size:
                 raise InternalError(f"{where}: key {entry.key_hex} is {len(key)} bytes, the map's are {info.key_size}")
-            if info.type != libbpf.MAP_SOCKMAP and len(value) != info.value_size:
+            if info.type != libbpf.MAP_SOCKMAP and len(value) != value_size:
                 raise InternalError(f"{where}: value of {entry.key_hex} is {len(value)} bytes, "
-                                    f"the map's are {info.value_size}")
+                                    f"the map's are {value_size}")
             return key, value
 
         try:
+            if row:
+                forward, backward = _row_writes(items, raw, row, info.value_size)
+                bpf_map.update_many(forward)
+                journal.did(f"{where}: {len(forward)} slots", lambda: bpf_map.update_many(backward))
+                return len(forward)
             if info.type == libbpf.MAP_ARRAY:
                 zero = bytes(info.value_size)
                 forward = []
@@ -1507,8 +1520,38 @@ def libbpf_prog_fd_by_id(prog_id: int) -> int:
     return int(rc)
 
 
-def _nonzero_array_entries(values: bytes, size: int) -> list[tuple[bytes, bytes]]:
-    """(u32 key, value) of every array slot whose value is not all zeros; zero runs are skipped at C speed."""
+def _row_writes(items: list[tuple[BpfMapEntry | None, BpfMapEntry | None]],
+                raw: Callable[[BpfMapEntry], tuple[bytes, bytes]], row: int,
+                slot_size: int) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
+    """(writes, their undo) for row entries: only the slots whose value differs (a weight change moves
+    a few hundred of a row's tens of thousands)."""
+    if slot_size != 4:
+        raise InternalError(f"row maps hold u32 slots, not {slot_size}-byte values")
+    zero = bytes(4 * row)
+    forward: list[tuple[bytes, bytes]] = []
+    backward: list[tuple[bytes, bytes]] = []
+    pack = struct.Struct("<I").pack
+    for old, new in items:
+        entry = new or old
+        assert entry is not None
+        key, _ = raw(entry)
+        first = struct.unpack("<I", key)[0]
+        before = raw(old)[1] if old else zero
+        after = raw(new)[1] if new else zero
+        was, now = array("I", before), array("I", after)
+        for slot in compress(range(row), map(ne, was, now)):
+            forward.append((pack(first + slot), pack(now[slot])))
+            backward.append((pack(first + slot), pack(was[slot])))
+    return forward, backward
+
+
+def _nonzero_array_entries(values: bytes, size: int, slot_size: int | None = None) -> list[tuple[bytes, bytes]]:
+    """(u32 key, value) of every array slot whose value is not all zeros; zero runs are skipped at C speed.
+    With `slot_size`, `size` is a row of slots and the key is the row's first slot."""
+    if slot_size is not None:
+        zero_row = bytes(size)
+        return [(struct.pack("<I", start // slot_size), values[start : start + size])
+                for start in range(0, len(values) - size + 1, size) if values[start : start + size] != zero_row]
     result = []
     block = size * 256
     zero_block = bytes(block)

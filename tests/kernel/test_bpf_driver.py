@@ -549,7 +549,7 @@ def test_sk_lookup_hands_connections_to_a_proxy_of_another_process(skl_lab: tupl
 # ======================================================================== sock_connect (cgroup)
 SOCK_PROG = "sock"
 VIP = "10.96.0.1"
-MAGLEV = 1021  # the default KF_MAGLEV_SIZE; KF_MAX_SERVICES defaults to 256: a 260,000-slot array
+MAGLEV = 1021  # KF_MAGLEV_SIZE; KF_MAX_SERVICES defaults to 256: a 260,000-slot array
 SERVICES = 4
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -558,7 +558,8 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 def sock_desired(backend_ports: Sequence[int], cgroup: str, extra_flags: Sequence[str] = ()) -> list[KernelObject]:
     points = [(f"kf_{hook}", f"cgroup:{cgroup}:{hook.replace('sockops', 'sock_ops')}")
               for hook in ("connect4", "connect6", "sockops", "getsockopt")]
-    objects: list[KernelObject] = [program(SOCK_PROG, "sock_connect.c", points, ["-DKF_MAX_RULES=64", *extra_flags])]
+    objects: list[KernelObject] = [program(SOCK_PROG, "sock_connect.c", points,
+                                           ["-DKF_MAX_RULES=64", f"-DKF_MAGLEV_SIZE={MAGLEV}", *extra_flags])]
     for index, port in enumerate(backend_ports):
         objects.append(entry(SOCK_PROG, "backends_v4", L.U32.pack(index),
                              L.BACKEND_V4.pack(ipaddress.ip_address("127.0.0.1").packed, port)))
@@ -566,9 +567,9 @@ def sock_desired(backend_ports: Sequence[int], cgroup: str, extra_flags: Sequenc
         vip = ipaddress.ip_address(VIP) + service
         objects.append(entry(SOCK_PROG, "services_v4", L.SVC_KEY_V4.pack(vip.packed, 80, TCP),
                              L.SERVICE.pack(service, len(backend_ports), L.LB_RANDOM, 0)))
-        for slot in range(MAGLEV):
-            objects.append(entry(SOCK_PROG, "maglev", L.U32.pack(service * MAGLEV + slot),
-                                 L.U32.pack(slot % len(backend_ports) + 1)))
+        # one row entry per service (bpf_layout.ROW_MAPS)
+        table = [slot % len(backend_ports) for slot in range(MAGLEV)]
+        objects.append(entry(SOCK_PROG, "maglev", L.U32.pack(service * MAGLEV), L.slot_row(table, 1)))
     return objects
 
 
