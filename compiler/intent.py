@@ -41,10 +41,21 @@ def _check_cidr(value: str) -> str:
 
 
 def _check_address(value: str) -> str:
+    known = _ADDRESSES.get(value)
+    if known is not None:
+        return known
     try:
-        return str(ipaddress.ip_address(value))
+        canonical = str(ipaddress.ip_address(value))
     except ValueError:
         raise ValueError(f"invalid IP address {value!r}") from None
+    if len(_ADDRESSES) > 100_000:
+        _ADDRESSES.clear()
+    _ADDRESSES[value] = canonical
+    return canonical
+
+
+# Canonical text by input text: a daemon validates the same 1,000 backend addresses on every pass.
+_ADDRESSES: dict[str, str] = {}
 
 
 _PORT_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")

@@ -92,6 +92,11 @@ def _check_interception(intent: NetworkIntent) -> Iterator[Finding]:
             )
 
 
+def _address_family(address: str) -> int:
+    """Family of an address the models already validated (IPv6 text always has a colon, IPv4 never)."""
+    return 6 if ":" in address else 4
+
+
 def _check_load_balancing(intent: NetworkIntent) -> Iterator[Finding]:
     base: Path = ("spec", "loadBalancing", "services")
     services = intent.spec.load_balancing.services
@@ -107,10 +112,10 @@ def _check_load_balancing(intent: NetworkIntent) -> Iterator[Finding]:
             )
         else:
             seen[key] = svc.name
-        vip_family = ipaddress.ip_address(svc.vip).version
+        vip_family = _address_family(svc.vip)
         backends_seen: set[tuple[str, int]] = set()
         for b_index, backend in enumerate(svc.backends):
-            if ipaddress.ip_address(backend.address).version != vip_family:
+            if _address_family(backend.address) != vip_family:
                 yield (
                     (*here, "backends", b_index, "address"),
                     (
