@@ -23,7 +23,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.constructor import DuplicateKeyError
 from ruamel.yaml.error import MarkedYAMLError
 
-from . import semantics
+from . import fastyaml, semantics
 from .errors import IntentError, Problem
 from .intent import NetworkIntent
 
@@ -101,7 +101,8 @@ class _FastLoader(yaml.CSafeLoader if hasattr(yaml, "CSafeLoader") else yaml.Saf
 def _fast_document(text: str) -> Any:
     """The document as plain data, or None when the slow path must explain what is wrong."""
     try:
-        return yaml.load(text, Loader=_FastLoader)  # noqa: S506 - a safe loader
+        # Exactly yaml.load(text, Loader=_FastLoader), without parsing long lists item by item.
+        return fastyaml.load(text, _FastLoader)
     except yaml.YAMLError:
         return None
 
