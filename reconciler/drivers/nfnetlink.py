@@ -47,6 +47,7 @@ NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE = 0x1, 0x4, 0x400
 NLA_F_NESTED = 0x8000
 ERESTART = 85
 ELEMENTS_PER_MESSAGE = 400
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # asm-generic/socket.h; not in Python's socket module
 _HDR = struct.Struct("=IHHII")
 _NLATTR = struct.Struct("=HH")
 _NFGEN = struct.Struct("=BBH")
@@ -194,6 +195,18 @@ class NfTablesSocket:
             offset += (_HDR.size + len(payload) + 3) & ~3
             yield kind, payload, seq
 
+    def _make_room(self, batch_bytes: int, acks: int) -> None:
+        """A netlink batch is one datagram and must fit the socket's send buffer whole (else EMSGSIZE),
+        and every message's ack must fit the receive buffer; grow both as libnftables does."""
+        for force, plain, wanted in ((SO_SNDBUFFORCE, socket.SO_SNDBUF, 2 * batch_bytes + (1 << 16)),
+                                     (SO_RCVBUFFORCE, socket.SO_RCVBUF, 256 * acks + (1 << 16))):
+            if self._sock.getsockopt(socket.SOL_SOCKET, plain) >= wanted:
+                continue
+            try:
+                self._sock.setsockopt(socket.SOL_SOCKET, force, wanted)  # root/CAP_NET_ADMIN: past the sysctl cap
+            except PermissionError:
+                self._sock.setsockopt(socket.SOL_SOCKET, plain, wanted)
+
     def write_elements(self, table: str, generation: int, sets: Sequence[ElementChanges]) -> int:
         """Remove then add elements of interval sets and maps in one transaction, valid only at `generation`.
 
@@ -229,7 +242,9 @@ class NfTablesSocket:
         begin = _message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, begin_seq, 0, NFNL_SUBSYS_NFTABLES,
                          _attr(NFNL_BATCH_GENID, _BE32.pack(generation)))
         end = _message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, self._next_seq(), 0, NFNL_SUBSYS_NFTABLES, b"")
-        self._sock.sendall(b"".join([begin, *messages, end]))
+        batch = b"".join([begin, *messages, end])
+        self._make_room(len(batch), len(messages))
+        self._sock.sendall(batch)
         pending = set(element_seqs)
         errors: list[str] = []
         while pending:

@@ -101,6 +101,17 @@ def test_element_changes_skip_libnftables_and_the_listing(netns: str, monkeypatc
     assert diff(changed.intent, "tproxy", "t", nft_only(changed), index_by_key(observed.objects)).empty
 
 
+def test_ten_thousand_elements_in_one_element_batch(netns: str) -> None:
+    # A batch is one netlink datagram: ~1 MB here, far above the default socket buffer (EMSGSIZE).
+    small = [f"10.{i // 128}.{i % 128 * 2}.0/24" for i in range(1_000)]
+    large = small + [f"11.{i // 128}.{i % 128 * 2}.0/24" for i in range(10_000)]
+    driver = NftDriver(netns)
+    converge(driver, intent_with_cidrs(small))
+    converge(driver, intent_with_cidrs(large))
+    observed = NftDriver(netns).observe(f"kernform-{intent_with_cidrs(large).intent}")
+    assert diff("t", "tproxy", "t", nft_only(intent_with_cidrs(large)), index_by_key(observed.objects)).empty
+
+
 def service_with_weights(weights: list[int]) -> DesiredState:
     backends = "\n".join(f"          - {{address: 10.9.0.{i + 1}, port: 8080, weight: {w}}}"
                          for i, w in enumerate(weights))
