@@ -21,6 +21,7 @@ Element encoding follows nft: an interval [low, high] is a start element `low`
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import socket
@@ -46,7 +47,7 @@ NFPROTO_INET = 1
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE = 0x1, 0x4, 0x400
 NLA_F_NESTED = 0x8000
 ERESTART = 85
-ELEMENTS_PER_MESSAGE = 400
+ELEMENTS_PER_MESSAGE = 200  # set elements (an interval is two kernel elements) per message
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # asm-generic/socket.h; not in Python's socket module
 _HDR = struct.Struct("=IHHII")
 _NLATTR = struct.Struct("=HH")
@@ -129,6 +130,7 @@ def interval_keys(layout: SetLayout, text: str) -> list[tuple[bytes, int]]:
     return keys
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def map_value(layout: SetLayout, text: str) -> bytes:
     """`address . port` as nft registers hold it: the address, then the port in network order padded to 4 bytes."""
     address, _, port = (part.strip() for part in text.partition(" . "))
@@ -136,6 +138,13 @@ def map_value(layout: SetLayout, text: str) -> bytes:
     if len(packed) != (4 if layout.value_family == 4 else 16):
         raise ValueError(f"{text}: not an IPv{layout.value_family} address . port")
     return packed + int(port).to_bytes(2, "big") + b"\0\0"
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _encoded(layout: SetLayout, text: str, value: str | None, with_value: bool) -> bytes:
+    """The kernel elements of one element in nft's text, encoded (kept: a daemon sends the same ones again)."""
+    data = None if value is None or not with_value else map_value(layout, value)
+    return b"".join(_element(key, kflags, data) for key, kflags in interval_keys(layout, text))
 
 
 def _element(key: bytes, flags: int, value: bytes | None = None) -> bytes:
@@ -223,12 +232,11 @@ class NfTablesSocket:
                             (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE)):
             for change in sets:
                 name, layout = change.set, change.layout
+                # One entry per set element (an interval is two kernel elements, encoded together).
                 if verb == NFT_MSG_DELSETELEM:
-                    elements = [_element(key, kflags) for text in change.removed
-                                for key, kflags in interval_keys(layout, text)]
+                    elements = [_encoded(layout, text, None, False) for text in change.removed]
                 else:
-                    elements = [_element(key, kflags, None if value is None else map_value(layout, value))
-                                for text, value in change.added for key, kflags in interval_keys(layout, text)]
+                    elements = [_encoded(layout, text, value, True) for text, value in change.added]
                 set_attr = _attr(NFTA_SET_ELEM_LIST_SET, name.encode() + b"\0")
                 for start in range(0, len(elements), ELEMENTS_PER_MESSAGE):
                     seq = self._next_seq()
