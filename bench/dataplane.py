@@ -185,8 +185,11 @@ class Dataplane:
                 seconds = state.iptables_restore(gws["iptables"].ns, intents.iptables_lb(gws["iptables"].vip, b),
                                                  self.lockfile)
                 self.applies.append({"scenario": "lb", "variant": "iptables", "n": b, "seconds": seconds})
+                # Both backends balance connections forwarded from the client's interface; ebpf also
+                # balances at connect() for processes in its cgroup (ebpf-local).
                 for backend in ("tproxy", "ebpf"):
-                    self.kernform_apply("lb", b, intents.lb_doc(LB_INTENT, backend, gws[backend].vip, b))
+                    self.kernform_apply("lb", b, intents.lb_doc(LB_INTENT, backend, gws[backend].vip, b,
+                                                                interfaces=[topo.GW_CLIENT_IF]))
                 candidates: dict[str, tuple[Load, str]] = {}
                 if i == 0:
                     candidates["none"] = (Load(topo.CLIENT_NS, topo.backend_address(0), 8080,
@@ -202,13 +205,16 @@ class Dataplane:
                 if self.ebpf_ok():
                     cgroup = state.cgroup_of(LB_INTENT)
                     if i == 0:
-                        self.say(f"   ebpf balances at connect() only for processes in the intent's cgroup: its load "
-                                 f"generator runs in {gws['ebpf'].ns} inside {cgroup} (sh -c 'echo $$ > "
-                                 f"{cgroup}/cgroup.procs && exec ip netns exec {gws['ebpf'].ns} kfload ...'); "
-                                 "compare it with tproxy-local and none-local, which run there too")
-                    candidates["ebpf"] = (Load(gws["ebpf"].ns, gws["ebpf"].vip, 80, cgroup=cgroup,
-                                               label="gateway namespace, in the intent's cgroup"),
+                        self.say(f"   ebpf: forwarded connections through tc_lb on {topo.GW_CLIENT_IF}; ebpf-local balances "
+                                 f"at connect() for processes in the intent's cgroup: its load generator runs in "
+                                 f"{gws['ebpf'].ns} inside {cgroup} (sh -c 'echo $$ > {cgroup}/cgroup.procs && exec "
+                                 f"ip netns exec {gws['ebpf'].ns} kfload ...'); compare it with tproxy-local and "
+                                 "none-local, which run there too")
+                    candidates["ebpf"] = (Load(topo.CLIENT_NS, gws["ebpf"].vip, 80, label="client, forwarded"),
                                           f"http://{gws['ebpf'].vip}/")
+                    candidates["ebpf-local"] = (Load(gws["ebpf"].ns, gws["ebpf"].vip, 80, cgroup=cgroup,
+                                                     label="gateway namespace, in the intent's cgroup"),
+                                                f"http://{gws['ebpf'].vip}/")
                 loads = {}
                 for variant, (ld, url) in candidates.items():
                     if self.check("lb", b, variant, ld.ns, url, "nginx 10.90.", cgroup=ld.cgroup):

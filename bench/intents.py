@@ -57,12 +57,16 @@ def filter_doc(name: str, backend: str, cidrs: list[str], interface: str) -> dic
     return _doc(name, backend, {"filtering": {"forward": {"default": "allow", "rules": rules}}})
 
 
-def lb_doc(name: str, backend: str, vip: str, count: int, weights: dict[int, int] | None = None) -> dict[str, Any]:
-    """One service, VIP:80 spread over `count` backends (10.90.x.y:8080, all served by the server namespace)."""
+def lb_doc(name: str, backend: str, vip: str, count: int, weights: dict[int, int] | None = None,
+           interfaces: list[str] | None = None) -> dict[str, Any]:
+    """One service, VIP:80 spread over `count` backends (10.90.x.y:8080, all served by the server namespace);
+    `interfaces`: where forwarded connections to the VIP arrive (loadBalancing.interfaces)."""
     weights = weights or {}
     backends = [{"address": topo.backend_address(i), "port": 8080, "weight": weights.get(i, 1)} for i in range(count)]
-    return _doc(name, backend, {"loadBalancing": {"services": [{"name": "web", "vip": vip, "port": 80,
-                                                                "backends": backends}]}})
+    section: dict[str, Any] = {"services": [{"name": "web", "vip": vip, "port": 80, "backends": backends}]}
+    if interfaces:
+        section["interfaces"] = interfaces
+    return _doc(name, backend, {"loadBalancing": section})
 
 
 def interception_doc(name: str, backend: str, destination: str, extra: list[str], interface: str) -> dict[str, Any]:

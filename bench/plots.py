@@ -6,13 +6,15 @@ from pathlib import Path
 from typing import Any
 
 COLOURS = {"none": "#7f7f7f", "none-local": "#bcbcbc", "iptables": "#d62728", "tproxy": "#1f77b4",
-           "tproxy-local": "#17becf", "ebpf": "#2ca02c", "tproxy-synfix": "#9467bd"}
+           "tproxy-local": "#17becf", "ebpf": "#2ca02c", "ebpf-local": "#98df8a", "tproxy-synfix": "#9467bd"}
 # Small horizontal offsets, so that variants with equal figures stay visible side by side.
-DODGE = {"iptables": -0.09, "tproxy": -0.03, "tproxy-local": 0.03, "ebpf": 0.03, "tproxy-synfix": 0.09}
-MARKERS = {"iptables": "v", "tproxy": "o", "tproxy-local": "D", "ebpf": "s", "tproxy-synfix": "^"}
+DODGE = {"iptables": -0.09, "tproxy": -0.03, "tproxy-local": 0.03, "ebpf": 0.03, "ebpf-local": 0.09,
+         "tproxy-synfix": 0.09}
+MARKERS = {"iptables": "v", "tproxy": "o", "tproxy-local": "D", "ebpf": "s", "ebpf-local": "P", "tproxy-synfix": "^"}
 LABELS = {"none": "no rules", "none-local": "no rules (from gateway ns)", "iptables": "iptables, linear",
           "tproxy": "kernform tproxy", "tproxy-local": "kernform tproxy (from gateway ns)",
-          "ebpf": "kernform ebpf", "tproxy-synfix": "tproxy, SYN excluded from socket rule by hand"}
+          "ebpf": "kernform ebpf", "ebpf-local": "kernform ebpf (from gateway ns, in its cgroup)",
+          "tproxy-synfix": "tproxy, SYN excluded from socket rule by hand"}
 
 
 def _series(rows: list[dict[str, Any]], scenario: str, metric: str) -> dict[str, list[dict[str, Any]]]:

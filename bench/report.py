@@ -31,7 +31,7 @@ def ratios(data: dict[str, Any]) -> list[dict[str, Any]]:
         ns = sorted(x["n"] for x in rows if (x["scenario"], x["metric"], x["variant"]) ==
                     (r["scenario"], r["metric"], r["variant"]))
         first = _rate(rows, r["scenario"], r["metric"], r["variant"], ns[0])
-        ref_variant = "none-local" if r["variant"] in ("tproxy-local", "ebpf") and r["scenario"] == "lb" else "none"
+        ref_variant = "none-local" if r["variant"] in ("tproxy-local", "ebpf-local") and r["scenario"] == "lb" else "none"
         ref_ns = sorted(x["n"] for x in rows if (x["scenario"], x["metric"], x["variant"]) ==
                         (r["scenario"], r["metric"], ref_variant))
         # The reference measured in the same step when there is one (it shares the machine's state), else its first.
@@ -66,7 +66,7 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
         bns = sorted({r["n"] for r in rows if r["scenario"] == "lb"})
         if len(bns) > 1:
             lo, hi = bns[0], bns[-1]
-            for variant in ("tproxy", "tproxy-local", "ebpf"):
+            for variant in ("tproxy", "tproxy-local", "ebpf", "ebpf-local"):
                 a, b = _rate(rows, "lb", "conn_rate", variant, hi), _rate(rows, "lb", "conn_rate", variant, lo)
                 out.append(_target(f"load balancing: {variant} with {hi:,} backends keeps >= 90% of its rate with "
                                    f"{lo} backend{'s' if lo > 1 else ''}", a / b if a and b else None, 0.9, ">=",
@@ -150,14 +150,16 @@ def markdown(data: dict[str, Any]) -> str:
         out.append("Requests/s on established (keep-alive) connections:\n")
         table("filter", "keepalive_rps", ["none", "iptables", "tproxy", "ebpf"], "filter CIDRs")
         out.append("Load balancing, new connections/s through the VIP:\n")
-        table("lb", "conn_rate", ["none", "iptables", "tproxy", "none-local", "tproxy-local", "ebpf"], "backends")
+        table("lb", "conn_rate", ["none", "iptables", "tproxy", "ebpf", "none-local", "tproxy-local", "ebpf-local"],
+              "backends")
         out.append("Interception into haproxy, new connections/s (client ports reused under the gateway's "
                    "TIME_WAIT):\n")
         table("interception", "conn_rate", ["none", "iptables", "tproxy", "ebpf", "tproxy-synfix"],
               "extra destinations")
         out.append("Latency of a new connection (connect() to the whole response, 32 in flight), p50 / p99 in ms, "
                    "at each scenario's largest N:\n")
-        variants = [v for v in ("none", "none-local", "iptables", "tproxy", "tproxy-local", "ebpf", "tproxy-synfix")
+        variants = [v for v in ("none", "none-local", "iptables", "tproxy", "tproxy-local", "ebpf", "ebpf-local",
+                                "tproxy-synfix")
                     if any(r["variant"] == v and r["metric"] == "conn_rate" for r in rows)]
         out.append("| scenario (N) | " + " | ".join(variants) + " |")
         out.append("|---|" + "---:|" * len(variants))
