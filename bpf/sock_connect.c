@@ -73,18 +73,10 @@
 #include <uapi/linux/bpf.h>
 
 #include "lib/kf_common.h"
+#include "lib/kf_lb_tables.h" /* services, maglev, backends: as in tc_lb.c */
 #include "lib/kf_maps.h"
 #include "lib/kf_types.h"
 
-#ifndef KF_MAX_SERVICES
-#define KF_MAX_SERVICES 256
-#endif
-#ifndef KF_MAGLEV_SIZE
-#define KF_MAGLEV_SIZE 1021
-#endif
-#ifndef KF_MAX_BACKENDS
-#define KF_MAX_BACKENDS 4096
-#endif
 #ifndef KF_MAX_EXCLUDES
 #define KF_MAX_EXCLUDES 256
 #endif
@@ -98,13 +90,6 @@
 #define KF_PROXY_V4 0x7f000001 /* host order: 127.0.0.1 */
 #endif
 
-KF_MAP("hash", struct kf_svc_key_v4, struct kf_service, services_v4, KF_MAX_SERVICES);
-KF_MAP("hash", struct kf_svc_key_v6, struct kf_service, services_v6, KF_MAX_SERVICES);
-/* Memory-mappable: the reconciler reads all KF_MAX_SERVICES * KF_MAGLEV_SIZE
- * slots (260k by default) with one mmap instead of 260k copies per observe. */
-KF_MAP_F("array", u32, u32, maglev, KF_MAX_SERVICES * KF_MAGLEV_SIZE, BPF_F_MMAPABLE);
-KF_MAP("array", u32, struct kf_backend_v4, backends_v4, KF_MAX_BACKENDS);
-KF_MAP("array", u32, struct kf_backend_v6, backends_v6, KF_MAX_BACKENDS);
 KF_MAP("lru_hash", struct kf_rev_nat_key, struct kf_rev_nat_value, rev_nat, KF_ORIG_DST_ENTRIES);
 KF_MAP("hash", u32, u8, exclude_uid, KF_MAX_EXCLUDES);
 KF_MAP("hash", u32, u8, exclude_gid, KF_MAX_EXCLUDES);

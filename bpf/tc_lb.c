@@ -77,20 +77,11 @@
 #include <uapi/linux/pkt_cls.h>
 
 #include "lib/kf_common.h"
+#include "lib/kf_lb_tables.h" /* services, maglev, backends: as in sock_connect.c */
 #include "lib/kf_maps.h"
 #include "lib/kf_parse.h"
 #include "lib/kf_types.h"
 
-/* The same defaults as sock_connect.c: both objects hold the same tables. */
-#ifndef KF_MAX_SERVICES
-#define KF_MAX_SERVICES 256
-#endif
-#ifndef KF_MAGLEV_SIZE
-#define KF_MAGLEV_SIZE 1021
-#endif
-#ifndef KF_MAX_BACKENDS
-#define KF_MAX_BACKENDS 4096
-#endif
 #ifndef KF_LB_FLOWS
 #define KF_LB_FLOWS 65536
 #endif
@@ -114,13 +105,6 @@
 #define KF_TCP_SYN 0x02
 #define KF_TCP_ACK 0x10
 
-KF_MAP("hash", struct kf_svc_key_v4, struct kf_service, services_v4, KF_MAX_SERVICES);
-KF_MAP("hash", struct kf_svc_key_v6, struct kf_service, services_v6, KF_MAX_SERVICES);
-/* Memory-mappable: the reconciler reads all KF_MAX_SERVICES * KF_MAGLEV_SIZE
- * slots (260k by default) with one mmap instead of 260k copies per observe. */
-KF_MAP_F("array", u32, u32, maglev, KF_MAX_SERVICES * KF_MAGLEV_SIZE, BPF_F_MMAPABLE);
-KF_MAP("array", u32, struct kf_backend_v4, backends_v4, KF_MAX_BACKENDS);
-KF_MAP("array", u32, struct kf_backend_v6, backends_v6, KF_MAX_BACKENDS);
 KF_MAP("lru_hash", struct kf_lb_flow_key, struct kf_lb_flow, lb_flows, KF_LB_FLOWS);
 KF_MAP("lru_hash", struct kf_lb_rev_key, struct kf_lb_rev, lb_rev, KF_LB_FLOWS);
 KF_MAP("percpu_array", u32, struct kf_lb_counter, lb_counters, KF_MAX_SERVICES);

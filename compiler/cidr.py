@@ -157,13 +157,7 @@ def collapse(cidrs: Iterable[str]) -> dict[int, list[tuple[int, int]]]:
         if not spans:
             continue
         spans.sort()
-        merged: list[list[int]] = []
-        for start, end in spans:
-            if merged and start <= merged[-1][1] + 1:
-                merged[-1][1] = max(merged[-1][1], end)
-            else:
-                merged.append([start, end])
-        result[family] = [p for start, end in merged for p in _ranges_to_prefixes(family, start, end)]
+        result[family] = [p for start, end in _merge(spans) for p in _ranges_to_prefixes(family, start, end)]
     return result
 
 

@@ -169,28 +169,18 @@ def test_tc_lb_maps_are_pinned_and_reused_with_kf_pin_dir(kf: Any) -> None:
         pin_dir.rmdir()
 
 
-def test_lb_tables_are_declared_identically_in_sock_connect_and_tc_lb() -> None:
+def test_lb_tables_are_declared_once_for_sock_connect_and_tc_lb() -> None:
     """The compiler writes the same services / maglev / backends contents into both
-    objects: same declarations, same defaults of their settings."""
-
-    def decls(name: str) -> list[str]:
-        lines = (BPF_DIR / name).read_text().splitlines()
-        maps = [
-            line
-            for line in lines
-            if line.startswith("KF_MAP")
-            and any(f", {m}," in line for m in ("services_v4", "services_v6", "maglev", "backends_v4", "backends_v6"))
-        ]
-        defaults = [
-            line
-            for line in lines
-            if line.startswith("#define")
-            and line.split()[1] in ("KF_MAX_SERVICES", "KF_MAGLEV_SIZE", "KF_MAX_BACKENDS")
-        ]
-        return maps + defaults
-
-    assert len(decls("tc_lb.c")) == 8
-    assert decls("tc_lb.c") == decls("sock_connect.c")
+    objects: both take the declarations and their settings' defaults from one header."""
+    tables = ("services_v4", "services_v6", "maglev", "backends_v4", "backends_v6")
+    header = (BPF_DIR / "lib" / "kf_lb_tables.h").read_text()
+    assert all(f", {m}," in header for m in tables)
+    for name in ("tc_lb.c", "sock_connect.c"):
+        text = (BPF_DIR / name).read_text()
+        assert '#include "lib/kf_lb_tables.h"' in text, name
+        own = [line for line in text.splitlines() if line.startswith("KF_MAP")
+               and any(f", {m}," in line for m in tables)]
+        assert own == [], f"{name} declares LB tables itself: {own}"
 
 
 def test_interception_matcher_is_identical_in_both_entry_files() -> None:
