@@ -158,15 +158,25 @@ class InterceptionExclusions(_Model):
 class InterceptionRule(_Model):
     """Hand matching connections to a local transparent proxy on `proxyPort`.
 
-    inbound: traffic arriving on `interfaces` (gateway style); the proxy sees the
-    client address and, with getsockname(), the original destination.
-    outbound: traffic originated on this host (sidecar style).
+    inbound: connections arriving from other hosts on `interfaces` (any interface
+    but lo when empty: the host's own connections arrive on lo and are never
+    inbound unless lo is named), to any destination including the host's own
+    addresses (gateway and sidecar-inbound style); the proxy sees the client
+    address and, with getsockname(), the original destination.
+    outbound: connections originated by this host's processes to destinations
+    that are not local (loopback and the host's own addresses are never
+    captured; replies of connections the host accepted are never touched).
+    Rules of one direction are tried in the file's order and the first match
+    wins; a rule's `exclude` makes only that rule not match. The two directions
+    never see each other's connections, so their relative order does not matter.
     """
 
     name: Name
     direction: Literal["inbound", "outbound"]
     protocols: list[Protocol] = Field(default=["tcp"], min_length=1)
-    interfaces: list[Interface] = Field(default=[], description="inbound: input interfaces (empty: any)")
+    interfaces: list[Interface] = Field(
+        default=[], description="inbound: input interfaces (empty: any but lo); outbound rules take none"
+    )
     sources: CidrList = []
     destinations: CidrList = []
     ports: list[PortSpec] = Field(default=[], description="destination ports (empty: any)")
@@ -269,7 +279,11 @@ class Routing(_Model):
 
 # -------------------------------------------------------------------- filtering
 class RateLimit(_Model):
-    rate: int = Field(ge=1, description="packets per `per` allowed for each source address")
+    rate: int = Field(
+        ge=1,
+        description="what each source address may send per `per`: new connections in a stateful chain "
+        "(packets of established connections pass before the rules), packets in a stateless one",
+    )
     per: Literal["second", "minute"] = "second"
     burst: int = Field(default=5, ge=1)
 

@@ -176,7 +176,10 @@ def _interception(intent: NetworkIntent, b: _Builder, routing: list[KernelObject
         f"meta l4proto tcp tcp flags & (syn | ack) != syn socket transparent 1 {set_mark} accept",
         "interception",
     )
-    for rule in section.rules:
+    # Outbound rules first: their `.local` rules hand the packets they rerouted through lo to their
+    # proxy, and must run before any inbound rule whatever the order of the file (inbound rules never
+    # see lo anyway unless they name it). Within a direction the file's order is the order of matching.
+    for rule in sorted(section.rules, key=lambda r: r.direction != "outbound"):
         _interception_rule(rule, b, set_mark, match_mark)
     for family in (4, 6):
         default = "0.0.0.0/0" if family == 4 else "::/0"
@@ -192,6 +195,7 @@ def _interception_rule(rule: InterceptionRule, b: _Builder, set_mark: str, match
     src = split_by_family(rule.sources, (origin, "sources"))
     xdst = split_by_family(rule.exclude.destinations, (origin, "exclude.destinations"))
     xsrc = split_by_family(rule.exclude.sources, (origin, "exclude.sources"))
+    counter = b.counter(f"i_{rule.name}", origin) if _families_for([dst, src]) else ""
     for family in _families_for([dst, src]):
         l3 = _FAMILY[family][0]
         # The sets are shared by the rule's tcp and udp variants.
@@ -223,7 +227,9 @@ def _interception_rule(rule: InterceptionRule, b: _Builder, set_mark: str, match
             tproxy = f"tproxy {l3} to :{rule.proxy_port}"
             rule_id = f"{rule.name}.{proto}.v{family}"
             if rule.direction == "inbound":
-                iif = [f"iifname {_names(rule.interfaces)}"] if rule.interfaces else []
+                # Inbound means arriving from other hosts: the namespace's own connections arrive on lo and
+                # are left alone unless the rule names lo.
+                iif = [f"iifname {_names(rule.interfaces)}"] if rule.interfaces else ['iif != "lo"']
                 text = " ".join(
                     [
                         f"meta nfproto {_FAMILY[family][2]}",
@@ -231,6 +237,7 @@ def _interception_rule(rule: InterceptionRule, b: _Builder, set_mark: str, match
                         *matches,
                         port_match,
                         *mark_excl,
+                        counter,
                         tproxy,
                         set_mark,
                         "accept",
@@ -240,10 +247,12 @@ def _interception_rule(rule: InterceptionRule, b: _Builder, set_mark: str, match
             else:
                 owner = [f"meta skuid != {port_set_ids(rule.exclude.uids)}"] if rule.exclude.uids else []
                 owner += [f"meta skgid != {port_set_ids(rule.exclude.gids)}"] if rule.exclude.gids else []
-                # Leaving the host only: local destinations (including the proxy) are never intercepted.
+                # Connections this host originates (`ct direction original`: never the replies of connections
+                # it accepted), leaving the host: local destinations (including the proxy) are never intercepted.
                 text = " ".join(
                     [
                         f"meta nfproto {_FAMILY[family][2]}",
+                        "ct direction original",
                         "fib daddr type != local",
                         *matches,
                         port_match,
@@ -261,6 +270,7 @@ def _interception_rule(rule: InterceptionRule, b: _Builder, set_mark: str, match
                         match_mark,
                         *matches,
                         port_match,
+                        counter,
                         tproxy,
                         "accept",
                     ]
@@ -381,6 +391,9 @@ def _filtering(intent: NetworkIntent, b: _Builder) -> None:
             b.rule(chain_name, "loopback", f'{iface} "lo" accept', f"filtering.{direction}")
         for rule in chain.rules:
             _filter_rule(direction, rule, b)
+        # Last, without a verdict: counts what the chain's default policy decides.
+        b.rule(chain_name, "default", b.counter(f"fd_{direction}", f"filtering.{direction} (default)"),
+               f"filtering.{direction} (default)")
 
 
 def _filter_rule(direction: str, rule: FilterRule, b: _Builder) -> None:

@@ -62,7 +62,7 @@ def test_ten_thousand_cidrs_are_one_rule_and_a_set() -> None:
     desired = compile_intent(parse_text(big_intent(10_000, 10), "big.yaml").intent)
     rules = [o for o in desired.objects if isinstance(o, NftRule) and o.chain == "filter_input"]
     elements = [o for o in desired.objects if isinstance(o, NftElement) and o.set == "f_input_deny-list_src4"]
-    assert len(rules) == 2  # established + the deny rule
+    assert len(rules) == 3  # established, the deny rule, the default-policy counter
     assert len(elements) == 10_000
 
 
