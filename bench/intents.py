@@ -53,7 +53,8 @@ def filter_doc(name: str, backend: str, cidrs: list[str], interface: str) -> dic
     """Forwarded traffic allowed by default; one deny rule holding every CIDR (N = 0: the chain, no rule)."""
     rules = []
     if cidrs:
-        rules.append({"name": "blocklist", "action": "deny", "interfaces": [interface], "destinations": cidrs})
+        rules.append({"name": "blocklist", "action": "deny", "protocol": "tcp", "interfaces": [interface],
+                      "destinations": cidrs})
     return _doc(name, backend, {"filtering": {"forward": {"default": "allow", "rules": rules}}})
 
 

@@ -17,12 +17,19 @@
  * Maps (layouts in lib/kf_types.h, documented in bpf/README.md):
  *   intercept_v4 / intercept_v6, intercept_rules, intercept_counters
  *                      matched on the destination, see below
+ *   intercept_ifs   hash      u32 ifindex -> kf_rule_set    [KF_MAX_IFACES]
  *   proxy_socks        sockmap   u32 slot -> socket for IPv4 (a TCP listener
  *                      or an unconnected UDP socket)      [KF_MAX_PROXIES]
  *   proxy_socks6       sockmap   u32 slot -> socket for IPv6  [KF_MAX_PROXIES]
  *                      8-byte values: userspace writes the fd as a u64 and
  *                      reads back the socket cookie (with 4-byte values the
  *                      kernel refuses userspace lookups, ENOSPC)
+ *
+ * Interfaces: a rule applies only to connections arriving on its interfaces
+ * (`intercept_ifs`, ifindex -> bitmap of the rules allowed there, keyed
+ * by interface name on the Python side and resolved by the reconciler).
+ * The namespace's own connections arrive on lo and are therefore left alone
+ * unless a rule names lo: inbound means from other hosts.
  *
  * A REDIRECT rule whose slot holds no socket of the right protocol lets
  * the packet continue to the normal lookup (counted as no_proxy), so a
@@ -39,6 +46,9 @@
 #ifndef KF_MAX_PROXIES
 #define KF_MAX_PROXIES 64
 #endif
+#ifndef KF_MAX_IFACES
+#define KF_MAX_IFACES 256
+#endif
 
 /* Interception rules; the same maps and matcher as in sock_connect.c (bcc
  * rewrites map calls only in the main file, so they cannot live in a header). */
@@ -46,21 +56,44 @@ KF_LPM(struct kf_lpm_v4, struct kf_rule_set, intercept_v4, KF_MAX_PREFIXES);
 KF_LPM(struct kf_lpm_v6, struct kf_rule_set, intercept_v6, KF_MAX_PREFIXES);
 KF_MAP("array", u32, struct kf_intercept_rule, intercept_rules, KF_MAX_RULES);
 KF_MAP("percpu_array", u32, struct kf_intercept_counter, intercept_counters, KF_MAX_RULES);
+KF_MAP("hash", u32, struct kf_rule_set, intercept_ifs, KF_MAX_IFACES);
 
 #define KF_ICPT_COUNT_REDIRECTED 0
 #define KF_ICPT_COUNT_BYPASSED 1
 #define KF_ICPT_COUNT_NO_PROXY 2
 
+KF_ALWAYS_INLINE void kf_intercept_count(struct kf_intercept_rule *r, int what)
+{
+	__u32 idx = r->counter;
+	struct kf_intercept_counter *c = intercept_counters.lookup(&idx);
+
+	if (!c)
+		return;
+	if (what == KF_ICPT_COUNT_REDIRECTED)
+		c->redirected++;
+	else if (what == KF_ICPT_COUNT_BYPASSED)
+		c->bypassed++;
+	else
+		c->no_proxy++;
+}
+
 /*
- * First rule (lowest index) whose destination prefix, protocol and port
- * range match; NULL if none. family is 4 or 6, addr network order.
+ * First rule (lowest index) whose interfaces, destination prefix, protocol
+ * and port range match; NULL if none. family is 4 or 6, addr network order.
+ * A BYPASS descriptor (an exclusion) takes its rule out of the search, and
+ * later rules are still tried: the same meaning as the tproxy backend's
+ * exclusions, which make only their own rule not match.
  */
 KF_ALWAYS_INLINE struct kf_intercept_rule *
-kf_intercept_lookup(__u8 family, const __u8 *addr, __u8 proto, __u16 port)
+kf_intercept_lookup(__u32 ifindex, __u8 family, const __u8 *addr, __u8 proto, __u16 port)
 {
-	struct kf_rule_set *set;
+	struct kf_rule_set *set, *ifset;
 	struct kf_intercept_rule *r;
-	__u32 w, j, idx;
+	__u32 w, j, idx, bit, skip = (__u32)-1;
+
+	ifset = intercept_ifs.lookup(&ifindex);
+	if (!ifset)
+		return NULL;
 
 	if (family == 4) {
 		struct kf_lpm_v4 k = {.prefixlen = 32};
@@ -77,37 +110,28 @@ kf_intercept_lookup(__u8 family, const __u8 *addr, __u8 proto, __u16 port)
 		return NULL;
 
 	for (w = 0; w < KF_BITMAP_WORDS; w++) {
-		__u64 bits = set->w[w];
+		__u64 bits = set->w[w] & ifset->w[w];
 
 		for (j = 0; j < 64 && bits; j++) {
-			idx = w * 64 + kf_ctz64(bits);
+			bit = kf_ctz64(bits);
+			idx = w * 64 + bit;
 			bits &= bits - 1;
 			r = intercept_rules.lookup(&idx);
-			if (!r || r->action == KF_ICPT_NONE)
+			if (!r || r->action == KF_ICPT_NONE || r->counter == skip)
 				continue;
 			if (r->proto && r->proto != proto)
 				continue;
 			if (port < r->port_lo || port > r->port_hi)
 				continue;
+			if (r->action == KF_ICPT_BYPASS) {
+				kf_intercept_count(r, KF_ICPT_COUNT_BYPASSED);
+				skip = r->counter;
+				continue;
+			}
 			return r;
 		}
 	}
 	return NULL;
-}
-
-KF_ALWAYS_INLINE void kf_intercept_count(struct kf_intercept_rule *r, int what)
-{
-	__u32 idx = r->counter;
-	struct kf_intercept_counter *c = intercept_counters.lookup(&idx);
-
-	if (!c)
-		return;
-	if (what == KF_ICPT_COUNT_REDIRECTED)
-		c->redirected++;
-	else if (what == KF_ICPT_COUNT_BYPASSED)
-		c->bypassed++;
-	else
-		c->no_proxy++;
 }
 
 /*
@@ -127,6 +151,7 @@ int kf_sk_lookup(struct bpf_sk_lookup *ctx)
 	struct kf_intercept_rule *rule;
 	struct bpf_sock *sk;
 	__u8 addr[16] = {};
+	__u32 ifindex, proto, port;
 	__u8 family;
 	__u32 slot;
 	long err;
@@ -134,6 +159,7 @@ int kf_sk_lookup(struct bpf_sk_lookup *ctx)
 	if (ctx->family == KF_AF_INET) {
 		__u32 a = ctx->local_ip4;
 
+		KF_BARRIER();
 		family = 4;
 		__builtin_memcpy(addr, &a, 4);
 	} else if (ctx->family == KF_AF_INET6) {
@@ -143,19 +169,24 @@ int kf_sk_lookup(struct bpf_sk_lookup *ctx)
 		a6[1] = ctx->local_ip6[1];
 		a6[2] = ctx->local_ip6[2];
 		a6[3] = ctx->local_ip6[3];
+		KF_BARRIER();
 		family = 6;
 		__builtin_memcpy(addr, a6, 16);
 	} else {
 		return SK_PASS;
 	}
+	/* Each ctx field is read by its own load: the verifier refuses a ctx access through a pointer
+	 * the compiler derived from ctx and kept (KF_BARRIER() keeps it from merging them). */
+	proto = ctx->protocol;
+	KF_BARRIER();
+	port = ctx->local_port;
+	KF_BARRIER();
+	ifindex = ctx->ingress_ifindex;
+	KF_BARRIER();
 
-	rule = kf_intercept_lookup(family, addr, (__u8)ctx->protocol, (__u16)ctx->local_port);
+	rule = kf_intercept_lookup(ifindex, family, addr, (__u8)proto, (__u16)port);
 	if (!rule)
 		return SK_PASS;
-	if (rule->action != KF_ICPT_REDIRECT) {
-		kf_intercept_count(rule, KF_ICPT_COUNT_BYPASSED);
-		return SK_PASS;
-	}
 
 	slot = rule->proxy_slot;
 	if (family == 4)

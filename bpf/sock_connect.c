@@ -63,6 +63,8 @@
  *   intercept_v4/v6, intercept_rules, intercept_counters   (as in sk_lookup.c)
  *   exclude_uid      hash      u32 uid -> u8 (any value)       [KF_MAX_EXCLUDES]
  *   exclude_gid      hash      u32 gid -> u8 (any value)       [KF_MAX_EXCLUDES]
+ *   local_addrs      hash      kf_addr_key -> u8: the namespace's own addresses,
+ *                              never intercepted (nor is loopback) [KF_MAX_LOCAL_ADDRS]
  *   orig_dst         LRU hash  u64 socket cookie -> kf_orig_dst [KF_ORIG_DST_ENTRIES]
  *   orig_dst_tuple   LRU hash  kf_tuple_key -> kf_orig_dst      [KF_ORIG_DST_ENTRIES]
  *
@@ -80,6 +82,9 @@
 #ifndef KF_MAX_EXCLUDES
 #define KF_MAX_EXCLUDES 256
 #endif
+#ifndef KF_MAX_LOCAL_ADDRS
+#define KF_MAX_LOCAL_ADDRS 1024
+#endif
 #ifndef KF_ORIG_DST_ENTRIES
 #define KF_ORIG_DST_ENTRIES 65536
 #endif
@@ -93,6 +98,7 @@
 KF_MAP("lru_hash", struct kf_rev_nat_key, struct kf_rev_nat_value, rev_nat, KF_ORIG_DST_ENTRIES);
 KF_MAP("hash", u32, u8, exclude_uid, KF_MAX_EXCLUDES);
 KF_MAP("hash", u32, u8, exclude_gid, KF_MAX_EXCLUDES);
+KF_MAP("hash", struct kf_addr_key, u8, local_addrs, KF_MAX_LOCAL_ADDRS);
 KF_MAP("lru_hash", u64, struct kf_orig_dst, orig_dst, KF_ORIG_DST_ENTRIES);
 KF_MAP("lru_hash", struct kf_tuple_key, struct kf_orig_dst, orig_dst_tuple, KF_ORIG_DST_ENTRIES);
 
@@ -107,16 +113,20 @@ KF_MAP("percpu_array", u32, struct kf_intercept_counter, intercept_counters, KF_
 #define KF_ICPT_COUNT_BYPASSED 1
 #define KF_ICPT_COUNT_NO_PROXY 2
 
+KF_ALWAYS_INLINE void kf_intercept_count(struct kf_intercept_rule *r, int what);
+
 /*
- * First rule (lowest index) whose destination prefix, protocol and port
- * range match; NULL if none. family is 4 or 6, addr network order.
+ * First REDIRECT rule (lowest index) whose destination prefix, protocol and
+ * port range match; NULL if none. family is 4 or 6, addr network order. A
+ * BYPASS descriptor (an exclusion) takes its own rule out of the search;
+ * later rules are still tried (as with the tproxy backend).
  */
 KF_ALWAYS_INLINE struct kf_intercept_rule *
 kf_intercept_lookup(__u8 family, const __u8 *addr, __u8 proto, __u16 port)
 {
 	struct kf_rule_set *set;
 	struct kf_intercept_rule *r;
-	__u32 w, j, idx;
+	__u32 w, j, idx, skip = (__u32)-1;
 
 	if (family == 4) {
 		struct kf_lpm_v4 k = {.prefixlen = 32};
@@ -139,12 +149,17 @@ kf_intercept_lookup(__u8 family, const __u8 *addr, __u8 proto, __u16 port)
 			idx = w * 64 + kf_ctz64(bits);
 			bits &= bits - 1;
 			r = intercept_rules.lookup(&idx);
-			if (!r || r->action == KF_ICPT_NONE)
+			if (!r || r->action == KF_ICPT_NONE || r->counter == skip)
 				continue;
 			if (r->proto && r->proto != proto)
 				continue;
 			if (port < r->port_lo || port > r->port_hi)
 				continue;
+			if (r->action == KF_ICPT_BYPASS) {
+				kf_intercept_count(r, KF_ICPT_COUNT_BYPASSED);
+				skip = r->counter;
+				continue;
+			}
 			return r;
 		}
 	}
@@ -238,6 +253,30 @@ KF_ALWAYS_INLINE void kf_write_dst(struct bpf_sock_addr *ctx, int is6, struct kf
 	ctx->user_port = kf_htons(port);
 }
 
+/*
+ * Loopback (127.0.0.0/8, ::1) or an address of this network namespace:
+ * local_addrs mirrors the namespace's addresses (the reconciler keeps it
+ * equal to them; see bpf/README.md). v4-mapped destinations are IPv4 here.
+ */
+KF_ALWAYS_INLINE int kf_is_local(struct kf_dst *d)
+{
+	struct kf_addr_key k = {};
+
+	if (d->family == 4) {
+		if (d->addr[0] == 127)
+			return 1;
+	} else {
+		__u32 a[4];
+
+		__builtin_memcpy(a, d->addr, 16);
+		if (a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == bpf_htonl(1))
+			return 1;
+	}
+	k.family = d->family;
+	__builtin_memcpy(k.addr, d->addr, 16);
+	return local_addrs.lookup(&k) != NULL;
+}
+
 KF_ALWAYS_INLINE int kf_excluded(void)
 {
 	__u64 ugid = bpf_get_current_uid_gid();
@@ -257,10 +296,13 @@ KF_ALWAYS_INLINE int kf_intercept(struct bpf_sock_addr *ctx, int is6, struct kf_
 	__u8 proxy[16] = {};
 	__u64 cookie;
 
+	/* Local destinations are never intercepted (tproxy: `fib daddr type != local`). */
+	if (kf_is_local(d))
+		return 0;
 	rule = kf_intercept_lookup(d->family, d->addr, d->proto, d->port);
 	if (!rule)
 		return 0;
-	if (rule->action != KF_ICPT_REDIRECT || kf_excluded()) {
+	if (kf_excluded()) {
 		kf_intercept_count(rule, KF_ICPT_COUNT_BYPASSED);
 		return 0;
 	}

@@ -166,6 +166,7 @@ KF_ALWAYS_INLINE int kf_filter(struct __sk_buff *skb, __u32 dir_flag)
 	struct kf_pkt *pkt;
 	struct kf_rule_set *src, *dst;
 	struct kf_rule *rule = NULL;
+	struct kf_filter_config *cfg;
 	__u32 zero = 0, w, j, idx;
 	int ret;
 
@@ -183,6 +184,12 @@ KF_ALWAYS_INLINE int kf_filter(struct __sk_buff *skb, __u32 dir_flag)
 		return TC_ACT_OK;
 	if (ret != KF_PARSE_OK)
 		goto no_match; /* truncated or malformed IP: default action */
+
+	/* A stateful chain: packets of established TCP connections pass before the rules (see kf_types.h). */
+	cfg = config.lookup(&zero);
+	if (cfg && (cfg->stateful & dir_flag) && pkt->proto == KF_IPPROTO_TCP &&
+	    (pkt->tcp_flags & KF_TCP_ACK) && !(pkt->flags & KF_PKT_FRAGMENT))
+		return TC_ACT_OK;
 
 	src = kf_lookup_src(pkt);
 	dst = kf_lookup_dst(pkt);
@@ -202,9 +209,10 @@ KF_ALWAYS_INLINE int kf_filter(struct __sk_buff *skb, __u32 dir_flag)
 	}
 
 no_match:;
-	struct kf_filter_config *cfg = config.lookup(&zero);
-	int deny = cfg && cfg->default_action == KF_ACT_DENY;
+	int deny;
 
+	cfg = config.lookup(&zero);
+	deny = cfg && cfg->default_action == KF_ACT_DENY;
 	kf_count(KF_MAX_RULES, skb->len, deny);
 	return deny ? TC_ACT_SHOT : TC_ACT_OK;
 

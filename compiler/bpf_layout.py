@@ -30,11 +30,12 @@ LB_RANDOM, LB_AFFINITY = 0, 1
 
 CONFIG_MAPS: dict[str, tuple[str, ...]] = {
     "tc_filter.c": ("src_v4", "dst_v4", "src_v6", "dst_v6", "rules", "config"),
-    "sk_lookup.c": ("intercept_v4", "intercept_v6", "intercept_rules", "proxy_socks", "proxy_socks6"),
+    "sk_lookup.c": ("intercept_v4", "intercept_v6", "intercept_rules", "intercept_ifs", "proxy_socks",
+                    "proxy_socks6"),
     "tc_lb.c": ("services_v4", "services_v6", "maglev", "backends_v4", "backends_v6"),
     "sock_connect.c": (
         "services_v4", "services_v6", "maglev", "backends_v4", "backends_v6",
-        "intercept_v4", "intercept_v6", "intercept_rules", "exclude_uid", "exclude_gid",
+        "intercept_v4", "intercept_v6", "intercept_rules", "exclude_uid", "exclude_gid", "local_addrs",
     ),
 }
 ARRAY_MAPS = frozenset({"rules", "config", "intercept_rules", "maglev", "backends_v4", "backends_v6"})
@@ -47,7 +48,7 @@ U32 = struct.Struct("<I")
 LPM_V4 = struct.Struct("<I4s")
 LPM_V6 = struct.Struct("<I16s")
 RULE = struct.Struct("<IBBHHHIII")  # flags proto action counter dport_lo dport_hi rate burst pad
-FILTER_CONFIG = struct.Struct("<B7x")
+FILTER_CONFIG = struct.Struct("<BB6x")  # default_action stateful (hooks)
 INTERCEPT_RULE = struct.Struct("<BBHHHII")  # action proto port_lo port_hi proxy_port proxy_slot counter
 SVC_KEY_V4 = struct.Struct("<4sHBx")
 SVC_KEY_V6 = struct.Struct("<16sHBx")
@@ -59,7 +60,24 @@ EXCLUDE = struct.Struct("<B")
 # the driver puts its socket there.
 PROXY_SOCKET = struct.Struct("<HBx")  # port protocol
 
+# intercept_ifs: keyed by u32 ifindex in the kernel; desired (and observed) by interface name,
+# IFNAMSIZ bytes, which the reconciler resolves in the target namespace (see IFINDEX_KEYED_MAPS).
+IFNAME = struct.Struct("16s")
+IFINDEX_KEYED_MAPS = frozenset({"intercept_ifs"})
+# local_addrs: the target namespace's own addresses, mirrored by the reconciler (see local_address_key).
+ADDR_KEY = struct.Struct("<B3x16s")  # family address
+LOCAL_ADDRESS_MAPS = {"sock_connect.c": "local_addrs"}
+
 _PROTO = {0: "any", 1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp"}
+
+
+def ifname_key(name: str) -> bytes:
+    return IFNAME.pack(name.encode())
+
+
+def local_address_key(address: str) -> bytes:
+    ip = ipaddress.ip_address(address)
+    return ADDR_KEY.pack(ip.version, ip.packed)
 
 
 def lpm_key(network: ipaddress.IPv4Network | ipaddress.IPv6Network | Prefix) -> bytes:
@@ -124,7 +142,15 @@ def _label(map_name: str, key: bytes, value: bytes) -> str:
         verb = {ACT_ALLOW: "allow", ACT_DENY: "deny", ACT_RATE_LIMIT: f"rate-limit {rate}/s burst {burst}"}.get(action, "?")
         return f"[{index}] {direction} {_PROTO.get(proto, proto)} {_ports(low, high)} {verb} (counter {counter})"
     if map_name == "config":
-        return f"default {'deny' if FILTER_CONFIG.unpack(value)[0] == ACT_DENY else 'allow'}"
+        default, stateful = FILTER_CONFIG.unpack(value)
+        hooks = "+".join(h for h, f in (("ingress", RULE_INGRESS), ("egress", RULE_EGRESS)) if stateful & f)
+        return f"default {'deny' if default == ACT_DENY else 'allow'}" + (f", stateful at {hooks}" if hooks else "")
+    if map_name == "intercept_ifs":
+        name = IFNAME.unpack(key)[0].rstrip(b"\0").decode(errors="replace")
+        return f"interface {name} -> rules {rule_bits(value)}"
+    if map_name == "local_addrs":
+        family, packed = ADDR_KEY.unpack(key)
+        return f"local address {ipaddress.ip_address(packed[:4] if family == 4 else packed)}"
     if map_name == "intercept_rules":
         action, proto, low, high, proxy_port, slot, counter = INTERCEPT_RULE.unpack(value)
         verb = f"redirect to :{proxy_port} (slot {slot})" if action == ICPT_REDIRECT else "bypass"

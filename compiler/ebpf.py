@@ -19,8 +19,9 @@ map update. What goes where:
   DNAT at ingress from the same service and backend maps, reverse at egress.
 - routing: the same ip rules and routes as the tproxy backend.
 
-Differences from tproxy that a user can observe are raised here as
-BackendUnavailable with the reason, never silently approximated.
+Differences from tproxy that a user can observe are refused, never silently
+approximated: ebpf_refusals lists them all, each at its field of the intent,
+and compile_intent raises BackendUnavailable with every one before lowering.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pathlib import Path
 from . import bpf_layout as L
 from . import maglev
 from .cidr import Prefix, collapse_in, collapsed_prefixes
+from .ebpf_refusals import refusals
 from .errors import BackendUnavailable
 from .intent import FilterChain, FilterRule, InterceptionRule, NetworkIntent, Service, parse_port_range
 from .objects import (
@@ -209,6 +211,9 @@ def _program(p: _Program, attachments: list[tuple[str, str]], cflags: list[str])
 
 
 def compile_intent(intent: NetworkIntent) -> DesiredState:
+    refused = refusals(intent)
+    if refused:
+        raise BackendUnavailable(refused)
     name = intent.metadata.name
     programs: list[BpfProgram] = []
     entries: list[BpfMapEntry] = []
@@ -234,6 +239,34 @@ def compile_intent(intent: NetworkIntent) -> DesiredState:
     return DesiredState(name, BACKEND, tuple(objects), frozenset(owned))
 
 
+def with_local_addresses(desired: DesiredState, addresses: Iterable[str]) -> DesiredState:
+    """`desired` completed with the target namespace's own addresses, for the programs that must know
+    them (outbound interception never captures a local destination: sock_connect's local_addrs).
+
+    The addresses are a fact of the target, not of the intent, so the reconciler reads them and calls
+    this before planning; the result is still a pure function of its inputs. Entries of an earlier
+    completion are replaced."""
+    intercepting = {e.program for e in desired.objects
+                    if isinstance(e, BpfMapEntry) and e.map == "intercept_rules"}
+    programs = [p for p in desired.objects if isinstance(p, BpfProgram) and p.source in L.LOCAL_ADDRESS_MAPS
+                and p.name in intercepting]
+    objects = tuple(o for o in desired.objects
+                    if not (isinstance(o, BpfMapEntry) and o.map in L.LOCAL_ADDRESS_MAPS.values()))
+    if not programs and len(objects) == len(desired.objects):
+        return desired
+    present = L.EXCLUDE.pack(1).hex()
+    entries = tuple(
+        BpfMapEntry(p.name, L.LOCAL_ADDRESS_MAPS[p.source], L.local_address_key(a).hex(), present, "",
+                    "a local address (never intercepted)")
+        for p in programs for a in sorted(set(addresses)))
+    return DesiredState(desired.intent, desired.backend, objects + entries, desired.routing_tables)
+
+
+def needs_local_addresses(desired: DesiredState) -> bool:
+    return desired.backend == BACKEND and any(
+        isinstance(o, BpfMapEntry) and o.map == "intercept_rules" and o.program == "sock" for o in desired.objects)
+
+
 # -------------------------------------------------------------------- filtering
 @dataclass(frozen=True)
 class _Descriptor:
@@ -253,49 +286,44 @@ def _filter_rules_by_interface(intent: NetworkIntent) -> dict[str, list[tuple[st
         if chain is None:
             continue
         for rule in chain.rules:
-            interfaces = rule.interfaces or intent.spec.ebpf.interfaces
-            if not interfaces:
-                raise BackendUnavailable(
-                    f"filtering.{direction}/{rule.name}: the ebpf backend filters at interfaces; name them on the "
-                    "rule or in spec.ebpf.interfaces"
-                )
-            for interface in interfaces:
-                if interface.endswith("*"):
-                    raise BackendUnavailable(f"filtering.{direction}/{rule.name}: the ebpf backend needs exact "
-                                             f"interface names, not {interface!r}")
+            # ebpf_refusals: every rule has interfaces (its own or spec.ebpf's), none of them a wildcard.
+            for interface in rule.interfaces or intent.spec.ebpf.interfaces:
                 by_interface.setdefault(interface, []).append((direction, rule))
+        if chain.default == "deny":
+            # A default applies where the filter runs: every interface of spec.ebpf.interfaces (ebpf_refusals:
+            # a default deny needs them), rules or not.
+            for interface in intent.spec.ebpf.interfaces:
+                by_interface.setdefault(interface, [])
     return by_interface
 
 
 def _defaults(intent: NetworkIntent) -> dict[str, str]:
-    """Default action per hook (ingress, egress); one tc program has one default for both."""
+    """Default action per hook (ingress, egress); one tc program has one default for both.
+
+    ebpf_refusals: every chain has the same default, and none is a stateful deny."""
     result: dict[str, str] = {}
     for direction, hook in (("input", "ingress"), ("forward", "ingress"), ("output", "egress")):
         chain: FilterChain | None = getattr(intent.spec.filtering, direction)
-        if chain is None:
-            continue
-        if chain.default == "deny" and chain.stateful:
-            raise BackendUnavailable(
-                f"filtering.{direction}: the ebpf backend's filter is stateless (no connection tracking), so a "
-                "default deny would drop replies; say `stateful: false` to accept that, or use the tproxy backend"
-            )
-        if result.get(hook, chain.default) != chain.default:
-            raise BackendUnavailable("filtering: input and forward defaults differ; the ebpf backend filters both "
-                                     "at tc ingress and needs one default")
-        result[hook] = chain.default
-    if len(set(result.values())) > 1:
-        raise BackendUnavailable("filtering: the ebpf backend's filter has one default action per interface; "
-                                 "ingress (input/forward) and egress (output) defaults must agree")
+        if chain is not None:
+            result[hook] = chain.default
     return result
+
+
+def _stateful_hooks(intent: NetworkIntent) -> int:
+    """KF_RULE_INGRESS / KF_RULE_EGRESS for the hooks whose chains are stateful: there, packets of
+    established TCP connections (ACK set) pass before the rules, as `ct state established` does."""
+    hooks = 0
+    for direction, flag in (("input", L.RULE_INGRESS), ("forward", L.RULE_INGRESS), ("output", L.RULE_EGRESS)):
+        chain: FilterChain | None = getattr(intent.spec.filtering, direction)
+        if chain is not None and chain.stateful:
+            hooks |= flag
+    return hooks
 
 
 def _rate(rule: FilterRule, where: str) -> tuple[int, int]:
     assert rule.rate_limit is not None
     limit = rule.rate_limit
-    if limit.per == "minute":
-        if limit.rate % 60:
-            raise BackendUnavailable(f"{where}: the ebpf backend counts tokens per second; {limit.rate}/minute is "
-                                     "not a whole number per second")
+    if limit.per == "minute":  # a whole number per second (ebpf_refusals)
         return limit.rate // 60, limit.burst
     return limit.rate, limit.burst
 
@@ -333,8 +361,11 @@ def _filtering(intent: NetworkIntent) -> list[tuple[BpfProgram, list[BpfMapEntry
             program.entry("rules", L.U32.pack(index), value, where)
         program.lpm("src", src_bits, words, "filtering")
         program.lpm("dst", dst_bits, words, "filtering")
-        if default_deny:
-            program.entry("config", L.U32.pack(0), L.FILTER_CONFIG.pack(L.ACT_DENY), "filtering default")
+        stateful = _stateful_hooks(intent)
+        if default_deny or stateful:
+            program.entry("config", L.U32.pack(0),
+                          L.FILTER_CONFIG.pack(L.ACT_DENY if default_deny else L.ACT_ALLOW, stateful),
+                          "filtering default")
         hooks = {"egress" if d.flags & L.RULE_EGRESS else "ingress" for d, *_ in descriptors}
         if default_deny:
             hooks |= {hook for hook in defaults}
@@ -361,12 +392,7 @@ def _intercept_tables(rules: Sequence[InterceptionRule], where_prefix: str,
     descriptors: list[_InterceptDescriptor] = []
     bits: dict[Network, int] = {}
     for counter, rule in enumerate(rules):
-        if rule.sources or rule.exclude.sources:
-            raise BackendUnavailable(f"{where_prefix}/{rule.name}: the ebpf backend intercepts by destination and "
-                                     "port; source CIDRs need the tproxy backend")
-        if rule.exclude.marks:
-            raise BackendUnavailable(f"{where_prefix}/{rule.name}: the ebpf backend cannot exclude by mark; "
-                                     "exclude the proxy by uid or gid instead")
+        # ebpf_refusals: no source CIDRs, no mark exclusions.
         where = f"{where_prefix}/{rule.name}"
         destinations = _networks(rule.destinations, (where, "destinations")) or [_any(4), _any(6)]
         assert rule.proxy_port is not None
@@ -405,7 +431,18 @@ def _inbound_interception(intent: NetworkIntent, routing: list[KernelObject]) ->
     program = _Program("sk-lookup", "sk_lookup.c", "interception (inbound)")
     slots: dict[tuple[int, int], int] = {}
     descriptors, bits = _intercept_tables(rules, "interception", slots)
+    # ebpf_refusals: every inbound rule names its interfaces (policy routing `iif <interface>` makes its
+    # destinations local; without one it would also catch the host's own outgoing connections).
     max_rules = _intercept_entries(program, descriptors, bits, "interception")
+    # A rule applies to connections arriving on its interfaces only (never lo unless named): per
+    # interface, the descriptors of the rules that name it. The reconciler resolves names to ifindexes.
+    by_interface: dict[str, int] = {}
+    for index, d in enumerate(descriptors):
+        for ifname in rules[d.counter].interfaces:
+            by_interface[ifname] = by_interface.get(ifname, 0) | (1 << index)
+    for ifname, allowed in sorted(by_interface.items()):
+        program.entry("intercept_ifs", L.ifname_key(ifname), L.bitmap(allowed, max_rules // 64),
+                      f"interception on {ifname}")
     # A slot holds the proxy's listener per family: proxies listen with separate IPv4 and IPv6 sockets.
     families: dict[int, set[int]] = {}
     for rule in rules:
@@ -456,9 +493,7 @@ def _expand_ids(ranges: Iterable[int | str], where: str) -> list[int]:
     ids: list[int] = []
     for text in ranges:
         low, _, high = str(text).partition("-")
-        lo, hi = int(low), int(high or low)
-        if hi - lo > 255:
-            raise BackendUnavailable(f"{where}: the ebpf backend lists excluded ids one by one; {text} is too wide")
+        lo, hi = int(low), int(high or low)  # at most MAX_ID_RANGE ids (ebpf_refusals)
         ids += range(lo, hi + 1)
     return ids
 
@@ -480,10 +515,7 @@ def _tc_balancing(intent: NetworkIntent) -> list[tuple[BpfProgram, list[BpfMapEn
         return []
     size, max_services = _lb_sizes(services)
     result = []
-    for interface in sorted(set(interfaces)):
-        if interface.endswith("*"):
-            raise BackendUnavailable(f"loadBalancing.interfaces: the ebpf backend needs exact interface names, "
-                                     f"not {interface!r}")
+    for interface in sorted(set(interfaces)):  # exact names (ebpf_refusals)
         program = _Program(f"lb-{interface}", "tc_lb.c", f"loadBalancing@{interface}")
         backend_index = {4: 0, 6: 0}
         for svc_id, service in enumerate(services):

@@ -7,6 +7,7 @@ permissions, a transient condition), or kernform's developers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -35,8 +36,28 @@ class IntentError(KernformError):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
+DocPath = tuple[str | int, ...]
+
+
+def dotted(path: DocPath) -> str:
+    """A document path as people write it: spec.interception.rules[2].sources."""
+    text = ""
+    for step in path:
+        text += f"[{step}]" if isinstance(step, int) else f".{step}" if text else str(step)
+    return text
+
+
 class BackendUnavailable(KernformError):
-    """The chosen backend cannot express this intent: the user must change the intent or pick the other backend."""
+    """The chosen backend cannot express this intent: the user must change the intent or pick the other backend.
+
+    Carries every refusal as a (document path, message) finding, so that whoever holds the file's positions
+    (LoadedIntent.problems_at) can report each at FILE:LINE:COL; str() names the paths instead.
+    """
+
+    def __init__(self, reason: str | Sequence[tuple[DocPath, str]]) -> None:
+        self.findings: list[tuple[DocPath, str]] = [((), reason)] if isinstance(reason, str) else list(reason)
+        super().__init__("\n".join(f"{dotted(path)}: {message}" if path else message
+                                   for path, message in self.findings))
 
 
 class KernelError(KernformError):

@@ -9,8 +9,8 @@ errors from jsonschema and pydantic carry paths, which are mapped back here.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path as FsPath
 from typing import Any
@@ -86,6 +86,21 @@ def _plain(node: Any) -> Any:
 class LoadedIntent:
     intent: NetworkIntent
     path: str
+    text: str = field(default="", repr=False, compare=False)
+
+    def problems_at(self, findings: Iterable[tuple[DocPath, str]]) -> list[Problem]:
+        """Findings of a later stage (what a backend refuses) as problems at FILE:LINE:COL of this file, in file order.
+
+        A valid file took the fast path, which keeps no positions: the text is
+        parsed again with them, on this error path only. A path the file does
+        not spell out (a default) lands on its nearest written parent.
+        """
+        try:
+            positions = Positions(YAML(typ="rt").load(self.text))
+        except MarkedYAMLError:
+            positions = Positions(None)
+        problems = _dedupe([Problem(self.path, *positions.locate(path), message) for path, message in findings])
+        return sorted(problems, key=lambda p: (p.line, p.column, p.message))
 
 
 class _FastLoader(yaml.CSafeLoader if hasattr(yaml, "CSafeLoader") else yaml.SafeLoader):  # type: ignore[misc]
@@ -125,7 +140,7 @@ def parse_text(text: str, filename: str) -> LoadedIntent:
             pass
         else:
             if not semantics.check(intent):
-                return LoadedIntent(intent=intent, path=filename)
+                return LoadedIntent(intent=intent, path=filename, text=text)
     return _parse_with_positions(text, filename)
 
 
@@ -169,7 +184,7 @@ def _parse_with_positions(text: str, filename: str) -> LoadedIntent:
     findings = semantics.check(intent)
     if findings:
         raise IntentError(_dedupe([at(path, message) for path, message in findings]))
-    return LoadedIntent(intent=intent, path=filename)
+    return LoadedIntent(intent=intent, path=filename, text=text)
 
 
 def load_file(path: str | FsPath) -> LoadedIntent:

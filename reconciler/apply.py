@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from compiler.ebpf import needs_local_addresses, with_local_addresses
 from compiler.errors import ApplyError, KernelError, TemporaryError
 from compiler.objects import BPF_KINDS, NETLINK_KINDS, NFT_KINDS, BpfProgram, DesiredState, NftElement
 
@@ -28,7 +29,16 @@ class ApplyResult:
     seconds: float
 
 
+def complete(target: Target, desired: DesiredState) -> DesiredState:
+    """`desired` with the facts of the target it needs (the ebpf backend's mirror of the namespace's
+    own addresses); unchanged for everything else."""
+    if needs_local_addresses(desired):
+        return with_local_addresses(desired, target.netlink.local_addresses())
+    return desired
+
+
 def make_plan(target: Target, desired: DesiredState) -> tuple[Plan, ObservedState]:
+    desired = complete(target, desired)
     # Only the ebpf backend compiles BPF objects (a tproxy intent's own BPF pins are seen by observe).
     wants_bpf = desired.backend == "ebpf"
     observed = target.observe(desired.intent, desired.routing_tables, bpf=wants_bpf)
@@ -54,6 +64,7 @@ def apply(target: Target, desired: DesiredState, plan: Plan | None = None,
     """Make the kernel hold `desired`; with a plan (and its observation) given, execute exactly that plan
     (unless the nft table changed since that observation: then a fresh plan is made and executed)."""
     started = time.perf_counter()
+    desired = complete(target, desired)
     if plan is None or observed is None:
         plan, observed = make_plan(target, desired)
     try:

@@ -45,7 +45,7 @@ from types import FrameType
 from typing import Any
 
 from compiler import compile_intent
-from compiler.errors import ApplyError, IntentError, KernelError, KernformError, Problem
+from compiler.errors import ApplyError, BackendUnavailable, IntentError, KernelError, KernformError, Problem
 from compiler.loader import parse_text
 from compiler.objects import DesiredState, count_by_kind, nft_table_name
 
@@ -378,7 +378,8 @@ class Daemon:
             self._set_degraded(problem or "no valid intent yet")
             return
         self._lock(desired.intent)
-        self._scope = WatchScope(nft_table_name(desired.intent), desired.routing_tables)
+        self._scope = WatchScope(nft_table_name(desired.intent), desired.routing_tables,
+                                 links_and_addresses=desired.backend == "ebpf")
         self.metrics.info.clear()
         self.metrics.info.labels(desired.intent, target.label, desired.backend).set(1)
         self.metrics.desired_objects.set(len(desired.objects))
@@ -450,7 +451,11 @@ class Daemon:
             except UnicodeDecodeError as exc:
                 raise IntentError([Problem(name, 1, 1, f"the file is not UTF-8 text: {exc.reason}")]) from None
             loaded = parse_text(text, name)
-            desired = compile_intent(loaded.intent, self.settings.backend)
+            try:
+                desired = compile_intent(loaded.intent, self.settings.backend)
+            except BackendUnavailable as refused:
+                # What the backend refuses is the file's to fix: reported like any invalid file, at FILE:LINE:COL.
+                raise IntentError(loaded.problems_at(refused.findings)) from None
         except IntentError as exc:
             event(log, logging.ERROR, f"invalid intent file, the kernel keeps the last applied state:\n{exc}",
                   file=name, problems=[str(p) for p in exc.problems])

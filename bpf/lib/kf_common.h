@@ -48,6 +48,7 @@
 #define KF_IPPROTO_HOPOPTS 0
 #define KF_IPPROTO_ICMP 1
 #define KF_IPPROTO_TCP 6
+#define KF_TCP_ACK 0x10 /* TCP flags byte */
 #define KF_IPPROTO_UDP 17
 #define KF_IPPROTO_ROUTING 43
 #define KF_IPPROTO_FRAGMENT 44
@@ -69,6 +70,8 @@
 static __u64 (*kf_get_socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
 
 #define KF_ALWAYS_INLINE static inline __attribute__((always_inline))
+/* Keeps the compiler from merging or moving memory accesses across it (ctx reads). */
+#define KF_BARRIER() asm volatile("" ::: "memory")
 
 /*
  * Index of the lowest set bit of a non-zero word, without branches:

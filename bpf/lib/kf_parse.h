@@ -37,7 +37,7 @@ struct kf_pkt {
 	__u8 family;  /* 4 or 6 */
 	__u8 proto;   /* L4 protocol (after IPv6 extension headers) */
 	__u8 flags;   /* KF_PKT_* */
-	__u8 pad;
+	__u8 tcp_flags; /* TCP: the flags byte (FIN 0x01 SYN 0x02 RST 0x04 ACK 0x10) */
 	__u16 sport;  /* host order */
 	__u16 dport;  /* host order */
 	__u8 saddr[16]; /* IPv4 uses [0..3] */
@@ -66,6 +66,13 @@ KF_ALWAYS_INLINE int kf_parse_ports(void *l4, void *data_end, struct kf_pkt *pkt
 	pkt->sport = kf_ntohs(ports[0]);
 	pkt->dport = kf_ntohs(ports[1]);
 	pkt->flags |= KF_PKT_HAS_PORTS;
+	if (pkt->proto == KF_IPPROTO_TCP) {
+		__u8 *tcp = l4;
+
+		if ((void *)(tcp + 14) > data_end)
+			return KF_PARSE_SHORT;
+		pkt->tcp_flags = tcp[13];
+	}
 	return KF_PARSE_OK;
 }
 

@@ -96,10 +96,19 @@ struct kf_rl_bucket {
 	__u64 last_ns; /* bpf_ktime_get_ns() of the last refill */
 };
 
-/* Array `config` (one entry, key 0). */
+/*
+ * Array `config` (one entry, key 0). stateful: the hooks (KF_RULE_INGRESS,
+ * KF_RULE_EGRESS) whose chains accept packets of established connections
+ * before the rules. Without connection tracking, that is TCP with the ACK
+ * flag: every packet of a TCP connection but its first SYN (what a
+ * stateless ACL calls "established"); other protocols have no such mark,
+ * so the compiler refuses deny and rate-limit rules for them in stateful
+ * chains.
+ */
 struct kf_filter_config {
 	__u8 default_action; /* KF_ACT_ALLOW (also when 0) or KF_ACT_DENY */
-	__u8 pad[7];
+	__u8 stateful;       /* KF_RULE_INGRESS | KF_RULE_EGRESS */
+	__u8 pad[6];
 };
 
 /* ---- interception (sk_lookup inbound, connect outbound) --------------- */
@@ -129,6 +138,16 @@ struct kf_intercept_counter {
 	__u64 redirected; /* steered to the proxy */
 	__u64 bypassed;   /* matched a BYPASS rule or an excluded uid/gid */
 	__u64 no_proxy;   /* REDIRECT matched but no proxy socket / assign failed */
+};
+
+/*
+ * Hash `local_addrs` (sock_connect): an address of the network namespace,
+ * written by the reconciler from the namespace's address list.
+ */
+struct kf_addr_key {
+	__u8 family;   /* 4 or 6 */
+	__u8 pad[3];
+	__u8 addr[16]; /* IPv4 in addr[0..3] */
 };
 
 /*

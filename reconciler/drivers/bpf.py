@@ -681,7 +681,22 @@ class BpfDriver:
             if row:
                 return _nonzero_array_entries(bpf_map.array_values(), info.value_size * row, info.value_size)
             return _nonzero_array_entries(bpf_map.array_values(), info.value_size)
+        if info.name in bpf_layout.IFINDEX_KEYED_MAPS:
+            return sorted((self._ifname_key(key), value) for key, value in bpf_map.items())
         return sorted(bpf_map.items())
+
+    def _ifname_key(self, key: bytes) -> bytes:
+        """An ifindex-keyed entry as the compiler writes it: by interface name; an index no interface has
+        any more becomes `#<index>`, which no desired entry equals (so it is removed)."""
+        ifindex = struct.unpack("=I", key)[0]
+        name = self._ifname(ifindex)
+        return bpf_layout.ifname_key(name if name is not None else f"#{ifindex}")
+
+    def _ifindex_key(self, key: bytes) -> bytes | None:
+        """The kernel key of an entry keyed by interface name; None when the interface does not exist."""
+        name = key.rstrip(b"\0").decode()
+        ifindex = int(name[1:]) if name.startswith("#") else self._ifindex(name)
+        return None if ifindex is None else struct.pack("=I", ifindex)
 
     def _proxy_pairs(self, bpf_map: libbpf.Map) -> list[tuple[bytes, bytes]]:
         slots = list(bpf_map.items())
@@ -1017,6 +1032,8 @@ class BpfDriver:
                 return len(forward)
             if info.type == libbpf.MAP_SOCKMAP:
                 return self._write_proxies(program, bpf_map, items, journal, raw)
+            if info.name in bpf_layout.IFINDEX_KEYED_MAPS:
+                return self._write_ifindex_keyed(bpf_map, items, journal, where)
             if info.type in (libbpf.MAP_HASH, libbpf.MAP_LPM_TRIE):
                 updates = [raw(new) for old, new in items if new is not None]
                 deletes = [raw(old)[0] for old, new in items if new is None and old is not None]
@@ -1041,6 +1058,36 @@ class BpfDriver:
         except OSError as exc:
             raise KernelError(f"{where}: {exc.strerror or exc}") from exc
         raise InternalError(f"{where}: kernform does not write maps of type {info.type}")
+
+    def _write_ifindex_keyed(self, bpf_map: libbpf.Map, items: list[tuple[BpfMapEntry | None, BpfMapEntry | None]],
+                             journal: _Journal, where: str) -> int:
+        """Entries keyed by interface name in the desired state, by ifindex in the kernel. An interface
+        that does not exist yet cannot receive traffic: its entry waits (TemporaryError after the rest)."""
+        count = 0
+        for old, new in items:
+            entry = new or old
+            assert entry is not None
+            key = self._ifindex_key(bytes.fromhex(entry.key_hex))
+            if key is None:
+                if new is not None:
+                    name = bytes.fromhex(entry.key_hex).rstrip(b"\0").decode()
+                    self._missing_proxies.append(f"interface {name} does not exist in {self._where}")
+                continue
+            if new is None:
+                bpf_map.delete(key)
+            else:
+                bpf_map.update(key, bytes.fromhex(new.value_hex))
+            previous = bytes.fromhex(old.value_hex) if old is not None else None
+
+            def undo(key: bytes = key, previous: bytes | None = previous) -> None:
+                if previous is None:
+                    bpf_map.delete(key)
+                else:
+                    bpf_map.update(key, previous)
+
+            journal.did(f"{where}: {entry.key_hex}", undo)
+            count += 1
+        return count
 
     def _write_proxies(self, program: BpfProgram, bpf_map: libbpf.Map,
                        items: list[tuple[BpfMapEntry | None, BpfMapEntry | None]], journal: _Journal,
@@ -1482,6 +1529,16 @@ class BpfDriver:
             raise KernelError(f"cannot look up interface {ifname} in {self._where}: {exc.strerror}") from exc
         return int(struct.unpack_from("i", reply, 16)[0])
 
+    def _ifname(self, ifindex: int) -> str | None:
+        request = struct.pack("16si12x", b"", ifindex)
+        try:
+            reply = fcntl.ioctl(self._ioctl.fileno(), _SIOCGIFNAME, request)
+        except OSError as exc:
+            if exc.errno == errno.ENODEV:
+                return None
+            raise KernelError(f"cannot look up interface {ifindex} in {self._where}: {exc.strerror}") from exc
+        return reply[:16].rstrip(b"\0").decode()
+
     def _tc_filter(self, point: Point, slot: tuple[int, int]) -> _TcFilter | None:
         ifindex = self._ifindex(point.ifname)
         if ifindex is None:
@@ -1653,6 +1710,7 @@ def _socket_fd_of(inode: int) -> int | None:
 
 # ------------------------------------------------------------------ netlink: tc and sock_diag
 _SIOCGIFINDEX = 0x8933
+_SIOCGIFNAME = 0x8910
 NETLINK_ROUTE, NETLINK_SOCK_DIAG = 0, 4
 SOL_NETLINK, NETLINK_EXT_ACK = 270, 11
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_DUMP = 0x1, 0x4, 0x200, 0x400, 0x100, 0x300

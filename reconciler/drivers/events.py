@@ -91,6 +91,9 @@ class WatchScope:
 
     nft_table: str | None = None
     routing_tables: frozenset[int] = frozenset()
+    # The desired state depends on the namespace's links and addresses (interface names resolved to
+    # ifindexes, the mirror of local addresses): any change of them calls for a pass.
+    links_and_addresses: bool = False
 
 
 def route_event(kind: int, pid: int, payload: memoryview, scope: WatchScope,
@@ -98,7 +101,7 @@ def route_event(kind: int, pid: int, payload: memoryview, scope: WatchScope,
     """A description of an rtnetlink event that concerns `scope` and was not our own doing, else None."""
     if kind in (RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_DELADDR):
         # Routes vanish silently with their device or address: recheck whenever links or addresses change.
-        if not scope.routing_tables:
+        if not scope.routing_tables and not scope.links_and_addresses:
             return None
         return {RTM_NEWLINK: "link changed", RTM_DELLINK: "link removed",
                 RTM_NEWADDR: "address added", RTM_DELADDR: "address removed"}[kind]

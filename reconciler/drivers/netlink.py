@@ -240,6 +240,13 @@ class NetlinkDriver:
                 raise _kernel_error(f"cannot list {what} in {self._where}", error) from exc
         raise TemporaryError(f"listing {what} in {self._where} was interrupted {_DUMP_ATTEMPTS} times")
 
+    def local_addresses(self) -> list[str]:
+        """Every address configured in the namespace (what `fib daddr type local` calls local, less the
+        loopback ranges the data path knows by itself); the ebpf backend mirrors them into a map."""
+        messages = self._retrying("addresses", lambda: self._socket.get_addr())
+        return sorted({str(m.get_attr("IFA_ADDRESS") or m.get_attr("IFA_LOCAL")) for m in messages
+                       if m.get_attr("IFA_ADDRESS") or m.get_attr("IFA_LOCAL")})
+
     def _interface_name(self, index: int, cache: dict[int, str]) -> str:
         # One request per distinct device (routes use a handful), not a dump of every link.
         if index not in cache:

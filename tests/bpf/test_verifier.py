@@ -184,12 +184,19 @@ def test_lb_tables_are_declared_once_for_sock_connect_and_tc_lb() -> None:
 
 
 def test_interception_matcher_is_identical_in_both_entry_files() -> None:
-    """sk_lookup.c and sock_connect.c carry the same interception maps and matcher
-    (bcc rewrites map calls only in the main file, so it cannot be a header)."""
-    start, end = "KF_LPM(struct kf_lpm_v4, struct kf_rule_set, intercept_v4", "c->no_proxy++;\n}\n"
+    """sk_lookup.c and sock_connect.c carry the same interception maps, counters and rule walk
+    (bcc rewrites map calls only in the main file, so it cannot be a header); sk_lookup's walk
+    also masks the candidates with the rules allowed on the ingress interface."""
+    pieces = [
+        ("KF_LPM(struct kf_lpm_v4, struct kf_rule_set, intercept_v4", "intercept_counters, KF_MAX_RULES);\n"),
+        ("KF_ALWAYS_INLINE void kf_intercept_count(struct kf_intercept_rule *r, int what)\n{", "c->no_proxy++;\n}\n"),
+        ("\t\t\tr = intercept_rules.lookup(&idx);", "\t\t\treturn r;\n"),
+    ]
 
-    def block(name: str) -> str:
+    def block(name: str, start: str, end: str) -> str:
         text = (BPF_DIR / name).read_text()
-        return text[text.index(start) : text.index(end) + len(end)]
+        at = text.index(start)
+        return text[at : text.index(end, at) + len(end)]
 
-    assert block("sk_lookup.c") == block("sock_connect.c")
+    for start, end in pieces:
+        assert block("sk_lookup.c", start, end) == block("sock_connect.c", start, end)

@@ -194,7 +194,7 @@ def tc_desired(max_rules: int = 64, points: Sequence[tuple[str, str]] = TC_POINT
     return [
         program(TC_PROG, "tc_filter.c", points, [f"-DKF_MAX_RULES={max_rules}"]),
         entry(TC_PROG, "rules", L.U32.pack(0), L.RULE.pack(L.RULE_INGRESS, TCP, L.ACT_DENY, 0, 80, 80, 0, 0, 0)),
-        entry(TC_PROG, "config", L.U32.pack(0), L.FILTER_CONFIG.pack(L.ACT_ALLOW)),
+        entry(TC_PROG, "config", L.U32.pack(0), L.FILTER_CONFIG.pack(L.ACT_ALLOW, 0)),
         lpm(TC_PROG, "src_v4", f"{DENIED}/32", 1, words),
         lpm(TC_PROG, "dst_v4", "0.0.0.0/0", 1, words),
     ]
@@ -455,6 +455,8 @@ def skl_desired() -> list[KernelObject]:
         lpm(SKL_PROG, "intercept_v4", INTERCEPTED, 1),
         lpm(SKL_PROG, "intercept_v6", INTERCEPTED6, 1),
         entry(SKL_PROG, "intercept_rules", L.U32.pack(0), L.INTERCEPT_RULE.pack(L.ICPT_REDIRECT, TCP, 80, 80, 0, 0, 0)),
+        # the test's connections are the namespace's own: they arrive on lo, which the rule names
+        entry(SKL_PROG, "intercept_ifs", L.ifname_key("lo"), L.bitmap(1, 1)),
         entry(SKL_PROG, "proxy_socks", L.U32.pack(0), L.PROXY_SOCKET.pack(PROXY_PORT, TCP)),
         entry(SKL_PROG, "proxy_socks6", L.U32.pack(0), L.PROXY_SOCKET.pack(PROXY_PORT, TCP)),
     ]

@@ -193,6 +193,7 @@ metadata: {name: ratelimit}
 spec:
   filtering:
     forward:
+      stateful: false  # a packet limit (a stateful chain limits new flows, which ebpf refuses for UDP)
       rules:
         - {name: slow, action: rate-limit, interfaces: [gw-client], protocol: udp, ports: [8080],
            rateLimit: {rate: 5, per: second, burst: 5}}

@@ -27,6 +27,7 @@ def test_lpm_values_carry_the_bits_of_covering_prefixes() -> None:
 
 FILTER = """  filtering:
     input:
+      stateful: false
       rules:
         - name: deny-list
           action: deny

@@ -1,0 +1,320 @@
+"""What the ebpf backend refuses to lower, each at the exact field of the intent that asks for it.
+
+Backends are equal or refuse: where the ebpf lowering would behave differently
+from the tproxy backend, the intent is refused with the reason and what to
+write instead, never approximated. This module owns that list. It is a pure
+function of the intent, like semantics.check: every refusal is a (document
+path, message) pair, all of them found in one pass, so that `kernform
+validate --backend ebpf` reports each at FILE:LINE:COL. compiler/ebpf.py
+calls refusals() before lowering anything and raises BackendUnavailable with
+every finding; the lowering may then assume none of these constructs.
+
+A path may name a field the file leaves out (a default such as `protocol:
+any`); the loader places it at the nearest part of the document that is
+written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from .cidr import collapsed_prefixes
+from .intent import FilterChain, FilterRule, InterceptionRule, NetworkIntent
+from .semantics import Finding, Path
+
+MAX_RULE_DESCRIPTORS = 256
+"""Rule descriptors one program holds (KF_MAX_RULES): rule bitmaps are whole 64-bit words, the verifier allows 256."""
+
+MAX_ID_RANGE = 256
+"""Ids of one excluded uid/gid range: the exclusion maps list ids one by one."""
+
+_HOOK = {"input": "ingress", "forward": "ingress", "output": "egress"}
+# Descriptors a filter rule takes per port range: icmp is ICMP and ICMPv6.
+_FILTER_PROTOCOLS = {"any": 1, "tcp": 1, "udp": 1, "icmp": 2}
+
+
+def refusals(intent: NetworkIntent) -> list[Finding]:
+    """Every construct of the intent that the ebpf backend cannot express (empty when it can lower all of it)."""
+    findings: list[Finding] = []
+    findings += _filtering(intent)
+    findings += _interception(intent)
+    findings += _interfaces(intent)
+    return list(dict.fromkeys(findings))
+
+
+# -------------------------------------------------------------------- filtering
+def _chains(intent: NetworkIntent) -> list[tuple[str, FilterChain]]:
+    chains = ((d, getattr(intent.spec.filtering, d)) for d in ("input", "forward", "output"))
+    return [(direction, chain) for direction, chain in chains if chain is not None]
+
+
+def _setting(chains: Sequence[tuple[str, FilterChain]], field: str) -> Path:
+    """The path of the first of `chains` whose `field` is written in the file, else of the first chain's."""
+    for direction, chain in chains:
+        if field in chain.model_fields_set:
+            return ("spec", "filtering", direction, field)
+    return ("spec", "filtering", chains[0][0], field)
+
+
+def _filtering(intent: NetworkIntent) -> Iterator[Finding]:
+    chains = _chains(intent)
+    yield from _chain_settings(chains, intent.spec.ebpf.interfaces)
+    fallback = intent.spec.ebpf.interfaces
+    placed: list[tuple[Path, FilterRule, int, Sequence[str]]] = []
+    for direction, chain in chains:
+        for index, rule in enumerate(chain.rules):
+            here: Path = ("spec", "filtering", direction, "rules", index)
+            if not rule.interfaces and not fallback:
+                yield (
+                    (*here, "interfaces"),
+                    f"{direction} filter rule {rule.name!r} names no interface: the ebpf backend filters at tc on "
+                    "interfaces; name them on the rule (interfaces) or in spec.ebpf.interfaces, or use the tproxy "
+                    "backend",
+                )
+            for i, interface in enumerate(rule.interfaces):
+                if interface.endswith("*"):
+                    yield (*here, "interfaces", i), _wildcard(interface)
+            if chain.stateful and rule.action in ("deny", "rate-limit") and rule.protocol != "tcp":
+                yield (*here, "protocol"), _stateless_protocol(direction, rule)
+            limit = rule.rate_limit
+            if rule.action == "rate-limit" and limit is not None and limit.per == "minute" and limit.rate % 60:
+                yield (
+                    (*here, "rateLimit", "rate"),
+                    f"{direction} filter rule {rule.name!r}: the ebpf backend refills tokens per second and "
+                    f"{limit.rate}/minute is not a whole number per second; give a multiple of 60 per minute, "
+                    "a rate per second, or use the tproxy backend",
+                )
+            count = _FILTER_PROTOCOLS[rule.protocol] * (len(rule.ports) or 1)
+            placed.append((here, rule, count, rule.interfaces or fallback))
+    yield from _filter_descriptors(placed)
+
+
+def _chain_settings(chains: Sequence[tuple[str, FilterChain]], interfaces: Sequence[str] = ()) -> Iterator[Finding]:
+    """A stateful default deny, and the settings that one tc program per interface holds once."""
+    for direction, chain in chains:
+        if chain.default == "deny" and not interfaces:
+            yield (
+                ("spec", "filtering", direction, "default"),
+                f"filtering.{direction}: the ebpf backend filters on the interfaces it is given, so a default deny "
+                "needs them listed in spec.ebpf.interfaces (the tproxy backend's default applies to every "
+                "interface); list them, or use the tproxy backend",
+            )
+        if chain.default == "deny" and chain.stateful:
+            field = "stateful" if "stateful" in chain.model_fields_set else "default"
+            yield (
+                ("spec", "filtering", direction, field),
+                f"filtering.{direction}: a stateful default deny needs connection tracking, and the ebpf backend's "
+                "filter is stateless (it recognises established TCP connections by the ACK flag, nothing else): "
+                "replies of UDP and ICMP exchanges would be dropped; say `stateful: false` to accept that (every "
+                "packet is then filtered), or use the tproxy backend",
+            )
+    ingress = [(d, c) for d, c in chains if _HOOK[d] == "ingress"]
+    egress = [(d, c) for d, c in chains if _HOOK[d] == "egress"]
+    if len(ingress) == 2:
+        (first, a), (second, b) = ingress
+        if a.default != b.default:
+            yield (
+                _setting(ingress[::-1], "default"),
+                f"filtering.{first} has default {a.default} but filtering.{second} has default {b.default}: the "
+                "ebpf backend filters both at tc ingress with one default action; make them equal, or use the "
+                "tproxy backend",
+            )
+        if a.stateful != b.stateful:
+            yield (
+                _setting(ingress[::-1], "stateful"),
+                f"filtering.{first} has stateful: {str(a.stateful).lower()} but filtering.{second} has stateful: "
+                f"{str(b.stateful).lower()}: the ebpf backend filters both at tc ingress with one setting; make "
+                "them equal, or use the tproxy backend",
+            )
+    if ingress and egress:
+        defaults = {c.default for _, c in ingress}
+        out_direction, out_chain = egress[0]
+        if len(defaults) == 1 and out_chain.default not in defaults:
+            yield (
+                _setting([*egress, *ingress], "default"),
+                f"filtering.output has default {out_chain.default} but filtering.{ingress[0][0]} has default "
+                f"{ingress[0][1].default}: the ebpf backend's filter program has one default action per "
+                "interface, for tc ingress (input, forward) and egress (output) alike; make them equal, or use "
+                "the tproxy backend",
+            )
+
+
+def _stateless_protocol(direction: str, rule: FilterRule) -> str:
+    flows = "non-TCP" if rule.protocol == "any" else rule.protocol.upper()
+    if rule.action == "deny":
+        effect, stateless = f"also drop packets of established {flows} flows, replies included", "filters"
+    else:
+        effect, stateless = f"count every packet of established {flows} flows, not only their first", "counts"
+    return (
+        f"{direction} filter rule {rule.name!r} ({rule.action}, protocol {rule.protocol}) is in a stateful chain, "
+        "which passes packets of established connections before its rules; the ebpf backend has no connection "
+        "tracking and recognises those packets only for TCP (by the ACK flag), so this rule would "
+        f"{effect}; say `protocol: tcp`, or `stateful: false` on filtering.{direction} (then the rule "
+        f"{stateless} every packet), or use the tproxy backend"
+    )
+
+
+def _filter_descriptors(placed: Sequence[tuple[Path, FilterRule, int, Sequence[str]]]) -> Iterator[Finding]:
+    """One filter program per interface holds the descriptors of every rule attached there."""
+    totals: dict[str, int] = {}
+    for _, _, count, interfaces in placed:
+        for interface in interfaces:
+            totals[interface] = totals.get(interface, 0) + count
+    running: dict[str, int] = {}
+    for here, rule, count, interfaces in placed:
+        for interface in interfaces:
+            before = running.get(interface, 0)
+            running[interface] = before + count
+            if before <= MAX_RULE_DESCRIPTORS < before + count:
+                yield (
+                    here,
+                    f"filter rule {rule.name!r} is beyond what one ebpf filter program holds: interface "
+                    f"{interface!r} would need {totals[interface]} rule descriptors (one per protocol and port "
+                    f"range of each rule on it) and the ebpf backend supports {MAX_RULE_DESCRIPTORS}; merge ports "
+                    "into ranges, spread the rules over interfaces, or use the tproxy backend",
+                )
+
+
+# ------------------------------------------------------------------ interception
+def _interception(intent: NetworkIntent) -> Iterator[Finding]:
+    base: Path = ("spec", "interception", "rules")
+    rules = list(enumerate(intent.spec.interception.rules))
+    for index, rule in rules:
+        here: Path = (*base, index)
+        if rule.sources:
+            yield (
+                (*here, "sources"),
+                f"interception rule {rule.name!r}: the ebpf backend intercepts by destination and port only; "
+                "source CIDRs need the tproxy backend",
+            )
+        if rule.exclude.sources:
+            yield (
+                (*here, "exclude", "sources"),
+                f"interception rule {rule.name!r}: the ebpf backend intercepts by destination and port only; "
+                "excluding source CIDRs needs the tproxy backend",
+            )
+        if rule.exclude.marks:
+            yield (
+                (*here, "exclude", "marks"),
+                f"interception rule {rule.name!r}: the ebpf backend cannot exclude by mark (it redirects at "
+                "connect(), before any mark is set); exclude the proxy by exclude.uids or exclude.gids, or use the "
+                "tproxy backend",
+            )
+        if rule.direction == "inbound" and not rule.interfaces:
+            # Its policy routing (`iif <interface> lookup <table>`) makes the destinations local; without an
+            # interface it would also catch the host's own outgoing connections, which tproxy leaves alone.
+            yield (
+                (*here, "interfaces"),
+                f"interception rule {rule.name!r} names no interface: the ebpf backend intercepts inbound "
+                "connections on named interfaces only; list them in `interfaces`, or use the tproxy backend",
+            )
+        if rule.direction == "inbound":
+            for i, interface in enumerate(rule.interfaces):
+                if interface.endswith("*"):
+                    yield (*here, "interfaces", i), _wildcard(interface)
+        for key in ("uids", "gids"):
+            for i, text in enumerate(getattr(rule.exclude, key)):
+                low, high = _id_range(text)
+                if high - low >= MAX_ID_RANGE:
+                    yield (
+                        (*here, "exclude", key, i),
+                        f"interception rule {rule.name!r}: the ebpf backend lists excluded {key} one by one, at most "
+                        f"{MAX_ID_RANGE} per range, and {_id_text(low, high)} holds {high - low + 1}; exclude "
+                        "narrower ranges (the proxy's own uid or gid), or use the tproxy backend",
+                    )
+    yield from _outbound_exclusions([(i, r) for i, r in rules if r.direction == "outbound"])
+    for direction, program in (("inbound", "sk_lookup"), ("outbound", "cgroup connect")):
+        yield from _intercept_descriptors([(i, r) for i, r in rules if r.direction == direction], direction, program)
+
+
+def _outbound_exclusions(outbound: Sequence[tuple[int, InterceptionRule]]) -> Iterator[Finding]:
+    """The cgroup programs keep one set of excluded uids and one of gids for every outbound rule."""
+    if len(outbound) < 2:
+        return
+    first_index, first = outbound[0]
+    for key in ("uids", "gids"):
+        expected = _id_set(getattr(first.exclude, key))
+        for index, rule in outbound[1:]:
+            ids = _id_set(getattr(rule.exclude, key))
+            if ids != expected:
+                yield (
+                    ("spec", "interception", "rules", index, "exclude", key),
+                    f"outbound interception rule {rule.name!r} excludes {_ids_text(key, ids)} but rule "
+                    f"{first.name!r} excludes {_ids_text(key, expected)}: the ebpf backend keeps one set of excluded "
+                    f"{key} for all outbound rules; give every outbound rule the same exclude.{key}, or use the "
+                    "tproxy backend",
+                )
+
+
+def _intercept_descriptors(rules: Sequence[tuple[int, InterceptionRule]], direction: str,
+                           program: str) -> Iterator[Finding]:
+    """Each protocol of a rule takes a descriptor per excluded prefix, excluded port range and port range."""
+    counts = []
+    for index, rule in rules:
+        per_protocol = len(rule.exclude.ports) + (len(rule.ports) or 1)
+        counts.append((index, rule, per_protocol, len(rule.exclude.destinations)))
+    # Excluded destinations count once collapsed, which costs a little: only when the plain count is too high.
+    if sum(len(r.protocols) * (n + cidrs) for _, r, n, cidrs in counts) <= MAX_RULE_DESCRIPTORS:
+        return
+    sizes = [(index, rule, len(rule.protocols) * (n + len(collapsed_prefixes(rule.exclude.destinations))))
+             for index, rule, n, _ in counts]
+    total = sum(size for _, _, size in sizes)
+    running = 0
+    for index, rule, size in sizes:
+        if running <= MAX_RULE_DESCRIPTORS < running + size:
+            yield (
+                ("spec", "interception", "rules", index),
+                f"interception rule {rule.name!r} is beyond what the ebpf {direction} interception program "
+                f"({program}) holds: the {direction} rules need {total} rule descriptors (per protocol, one per "
+                f"excluded prefix, excluded port range and port range) and the ebpf backend supports "
+                f"{MAX_RULE_DESCRIPTORS}; merge ports into ranges, or use the tproxy backend",
+            )
+        running += size
+
+
+def _id_range(text: int | str) -> tuple[int, int]:
+    low, _, high = str(text).partition("-")
+    return int(low), int(high or low)
+
+
+def _id_set(ranges: Sequence[int | str]) -> tuple[tuple[int, int], ...]:
+    """The ids as sorted, merged ranges: [1000, "1001-1005"] equals ["1000-1005"]."""
+    merged: list[tuple[int, int]] = []
+    for low, high in sorted(_id_range(text) for text in ranges):
+        if merged and low <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(high, merged[-1][1]))
+        else:
+            merged.append((low, high))
+    return tuple(merged)
+
+
+def _id_text(low: int, high: int) -> str:
+    return str(low) if low == high else f"{low}-{high}"
+
+
+def _ids_text(key: str, ids: tuple[tuple[int, int], ...]) -> str:
+    return f"{key} [{', '.join(_id_text(low, high) for low, high in ids)}]" if ids else f"no {key}"
+
+
+# ------------------------------------------------------------------ interfaces
+def _wildcard(interface: str) -> str:
+    return (
+        f"the ebpf backend attaches its programs to interfaces by exact name, and {interface!r} is a prefix "
+        "pattern; list the interfaces, or use the tproxy backend (which matches name prefixes)"
+    )
+
+
+def _interfaces(intent: NetworkIntent) -> Iterator[Finding]:
+    """Wildcards in the interface lists the tc programs attach to (rules' own lists are checked with the rule)."""
+    spec = intent.spec
+    services = spec.load_balancing.services
+    if services:
+        for i, interface in enumerate(spec.load_balancing.interfaces):
+            if interface.endswith("*"):
+                yield ("spec", "loadBalancing", "interfaces", i), _wildcard(interface)
+    filter_fallback = any(not rule.interfaces for _, chain in _chains(intent) for rule in chain.rules)
+    lb_fallback = bool(services) and not spec.load_balancing.interfaces
+    if filter_fallback or lb_fallback:
+        for i, interface in enumerate(spec.ebpf.interfaces):
+            if interface.endswith("*"):
+                yield ("spec", "ebpf", "interfaces", i), _wildcard(interface)
