@@ -17,8 +17,8 @@ from typing import Any
 
 from compiler import BACKENDS, BackendUnavailable, compile_intent
 from compiler.errors import ApplyError, IntentError, KernformError
-from compiler.loader import load_file
-from compiler.objects import NFT_TABLE_PREFIX, count_by_kind
+from compiler.loader import LoadedIntent, load_file
+from compiler.objects import DesiredState, count_by_kind
 from compiler.render import render
 
 # The reconciler (pyroute2, libnftables) is imported by the commands that touch
@@ -27,6 +27,14 @@ from compiler.render import render
 
 def _colour(stream: Any) -> bool:
     return bool(getattr(stream, "isatty", lambda: False)()) and "NO_COLOR" not in os.environ
+
+
+def _compile(loaded: LoadedIntent, backend: str | None) -> DesiredState:
+    """compile_intent, with what the backend refuses reported like any problem of the file: at FILE:LINE:COL."""
+    try:
+        return compile_intent(loaded.intent, backend)
+    except BackendUnavailable as exc:
+        raise IntentError(loaded.problems_at(exc.findings)) from None
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -39,9 +47,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
             status = 1
             continue
         try:
-            desired = compile_intent(loaded.intent, args.backend)
-        except BackendUnavailable as exc:
-            print(f"{path}: {exc}", file=sys.stderr)
+            desired = _compile(loaded, args.backend)
+        except IntentError as exc:
+            print(exc, file=sys.stderr)
             status = 1
             continue
         counts = count_by_kind(desired.objects)
@@ -51,7 +59,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     loaded = load_file(args.file)
-    desired = compile_intent(loaded.intent, args.backend)
+    desired = _compile(loaded, args.backend)
     sys.stdout.write(render(desired))
     return 0
 
@@ -62,7 +70,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from reconciler.plan import render_text
 
     loaded = load_file(args.file)
-    desired = compile_intent(loaded.intent, args.backend)
+    desired = _compile(loaded, args.backend)
     with Target(args.netns) as target:
         plan, _ = make_plan(target, desired)
     if args.json:
@@ -80,7 +88,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from reconciler.plan import render_text
 
     loaded = load_file(args.file)
-    desired = compile_intent(loaded.intent, args.backend)
+    desired = _compile(loaded, args.backend)
     with Target(args.netns) as target:
         plan, observed = make_plan(target, desired)
         if not args.quiet:
@@ -111,20 +119,17 @@ def cmd_destroy(args: argparse.Namespace) -> int:
 
 
 def _counter_origin(name: str) -> str:
-    if name.startswith("f_"):
-        direction, _, rule = name[2:].partition("_")
-        if rule.endswith("_pass"):
-            return f"filtering.{direction}/{rule[:-5]} (passed)"
-        return f"filtering.{direction}/{rule}"
-    if name.startswith("lb_"):
-        return f"loadBalancing/{name[3:]}"
-    return name
+    """The origin an nft counter of kernform counts for, from its name (`f_forward_deny-admin` ->
+    `filtering.forward/deny-admin`); see reconciler.status.nft_counter_origin."""
+    from reconciler.status import nft_counter_origin
+
+    return nft_counter_origin(name)[1]
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from reconciler.apply import make_plan
     from reconciler.observe import Target
-    from reconciler.status import rule_counters
+    from reconciler.status import applied_backends, applied_intents, counters, format_counters
 
     report: list[dict[str, Any]] = []
     with Target(args.netns) as target:
@@ -132,24 +137,37 @@ def cmd_status(args: argparse.Namespace) -> int:
             loaded = load_file(args.file)
             names = [loaded.intent.metadata.name]
         else:
-            names = [t[len(NFT_TABLE_PREFIX):] for t in target.nft.tables()]
+            names = applied_intents(target)
         for name in names:
             observed = target.observe(name)
+            found = applied_backends(observed)
+            # The backend is what the kernel holds; --backend overrides; the file decides only when the
+            # kernel cannot (nothing applied, or both backends' state after an interrupted switch).
+            if args.backend:
+                backend, source = args.backend, "--backend"
+            elif len(found) == 1:
+                backend, source = found[0], "kernel"
+            elif args.file:
+                backend, source = loaded.intent.spec.backend, "file"
+            else:
+                backend, source = None, "kernel"
             entry: dict[str, Any] = {
                 "intent": name,
                 "applied": observed.nft.exists or bool(observed.bpf),
+                "backend": backend,
+                "backendFrom": source,
+                "appliedBackends": list(found),
                 "objects": dict(count_by_kind(observed.objects)),
-                "counters": {
-                    _counter_origin(c): {"packets": p, "bytes": b} for c, (p, b) in sorted(observed.nft.counters.items())
-                },
             }
+            desired = None
             if args.file:
-                desired = compile_intent(loaded.intent, args.backend)
+                entry["specBackend"] = loaded.intent.spec.backend
+                desired = _compile(loaded, backend)
                 plan, _ = make_plan(target, desired)
-                entry["backend"] = desired.backend
                 entry["inSync"] = plan.empty
                 entry["pendingChanges"] = plan.counts()
-                entry["counters"] = rule_counters(target, desired)
+            shown = [args.backend] if args.backend else list(found)
+            entry["counters"] = counters(target, observed, shown, loaded.intent if args.file else None, desired)
             report.append(entry)
     if args.json:
         print(json.dumps({"target": target.label, "intents": report}, indent=2))
@@ -158,16 +176,26 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"No kernform intents are applied on {target.label}.")
     for entry in report:
         state = "applied" if entry["applied"] else "not applied"
+        if entry["backend"] is None:
+            held = " and ".join(entry["appliedBackends"]) or "no chains, no BPF programs"
+            which = f"backend unknown ({held})"
+        else:
+            why = {"kernel": "read from the kernel", "--backend": "from --backend", "file": "the file's spec.backend"}
+            which = f"backend {entry['backend']} ({why[entry['backendFrom']]}"
+            if entry.get("specBackend") not in (None, entry["backend"]):
+                which += f"; the file says {entry['specBackend']}"
+            if len(entry["appliedBackends"]) > 1:
+                which += "; the kernel holds state of both backends"
+            which += ")"
         sync = ""
         if "inSync" in entry:
             sync = ", in sync with the file" if entry["inSync"] else f", drifted/pending: {entry['pendingChanges']}"
-        print(f"intent {entry['intent']} on {target.label}: {state}{sync}")
+        print(f"intent {entry['intent']} on {target.label}: {state}, {which}{sync}")
         objects = ", ".join(f"{n} {k}" for k, n in sorted(entry["objects"].items()))
         if objects:
             print(f"  objects: {objects}")
-        for origin, value in entry["counters"].items():
-            figures = "  ".join(f"{n}={v}" for n, v in value.items())
-            print(f"  {origin:<48} {figures}")
+        for line in format_counters(entry["counters"]):
+            print(line)
     return 0
 
 

@@ -1,61 +1,451 @@
-"""Per-rule counters of an applied intent, whichever backend carries it.
+"""What an applied intent counts, whichever backend carries it, and which backend that is.
 
-tproxy keeps named nft counters (one per filter rule and service); ebpf keeps
-per-CPU counter maps indexed by the counter number the compiler gave each
-intent rule. Both are reported per intent rule, by the rule's origin
+The backend is read from the kernel: the intent's nft table with chains is
+tproxy's, BPF programs pinned under /sys/fs/bpf/kernform/<intent>/<namespace>
+are ebpf's (an ebpf intent's nft table holds no chain, only its ownership
+record). Counters are read from the kernel and reported per origin
 (`filtering.forward/deny-admin`), so `status` and tests need not know which
-backend is in place.
+backend is in place. Origins are named two ways:
+
+- from the kernel alone (`status` without FILE). tproxy's named nft counters
+  say what they count by their names (`f_<direction>_<rule>`, its `_pass`
+  twin for rate limits, `fd_<direction>` before a chain's default policy,
+  `i_<rule>`, `lb_<service>`) and the rule using each one says whether it
+  drops. ebpf's per-CPU counter maps are indexed by the `counter` field of the
+  rule descriptor maps (`rules`, `intercept_rules`) and by the service id of
+  `services_v4/v6`; these say what an index counts (interface, protocol, ports,
+  action, VIP) but not the intent's rule names, so such a row is named by its
+  program and index (`filtering@eth0/#2`) and carries a `rule` description.
+- with the intent and its compile (`status FILE`, tests): ebpf indexes get
+  the intent's names, and a counter the compile wants but the kernel lacks is
+  listed as not available.
+
+What a backend does not count is listed under `notAvailable` rather than shown
+as zero (per-backend counters of a service exist on neither backend yet).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import ipaddress
+import urllib.parse
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from compiler import bpf_layout
-from compiler.objects import BpfMapEntry, DesiredState, NftCounter, nft_table_name
+from compiler.objects import (
+    BPF_PIN_ROOT,
+    NFT_TABLE_PREFIX,
+    BpfMapEntry,
+    BpfProgram,
+    DesiredState,
+    KernelObject,
+    NftChain,
+    NftCounter,
+)
 
-from .observe import Target
+if TYPE_CHECKING:
+    from compiler.intent import NetworkIntent
+
+    from .drivers.nft import NftObservation
+    from .observe import ObservedState, Target
+
+SECTIONS = ("interception", "loadBalancing", "filtering", "other")
+DIRECTIONS = ("input", "forward", "output")
+# The order fields are shown in (others follow in the order they were found).
+FIELD_ORDER = ("section", "policy", "newFlows", "redirected", "bypassed", "noProxy", "packets", "bytes", "dropped",
+               "passed", "rule", "notAvailable")
+_POLICY = {"accept": "allow", "drop": "deny"}
+_DROPS = frozenset({"drop", "reject"})
+_PROTO = {0: "any", 1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp"}
+# Field names of the per-CPU counter structs (bpf/lib/kf_types.h), for maps the driver returns as u64 words.
+_BPF_FIELDS = {
+    "counters": ("packets", "bytes", "dropped"),
+    "intercept_counters": ("redirected", "bypassed", "no_proxy"),
+    "lb_counters": ("new_flows", "packets", "bytes", "dropped"),
+}
+NO_PER_BACKEND = "per-backend counters (neither backend keeps them yet)"
+TPROXY_SERVICE = ("packets and bytes (nft counts a service in its nat chains, which see only the first packet "
+                  "of a connection: newFlows)")
+SOCKET_SERVICE = "connections of local processes balanced at connect() (sock_connect keeps no service counters)"
 
 
-def rule_counters(target: Target, desired: DesiredState) -> dict[str, dict[str, int]]:
-    if desired.backend == "ebpf":
-        return _bpf_counters(target, desired)
-    observed = target.nft.counters(nft_table_name(desired.intent))
-    result: dict[str, dict[str, int]] = {}
-    for obj in desired.objects:
-        if isinstance(obj, NftCounter) and obj.name in observed:
-            packets, octets = observed[obj.name]
-            entry = result.setdefault(obj.origin, {})
-            if obj.name.endswith("_pass"):
-                entry["passed"] = packets
-            else:
-                entry["packets"], entry["bytes"] = packets, octets
+# ---------------------------------------------------------------- which backend
+def applied_backends(observed: ObservedState) -> tuple[str, ...]:
+    """The backends whose state the kernel holds for the intent: none, one, or both (an interrupted switch)."""
+    found = []
+    if any(isinstance(o, NftChain) for o in observed.nft.objects):
+        found.append("tproxy")
+    if any(isinstance(o, BpfProgram) for o in observed.bpf):
+        found.append("ebpf")
+    return tuple(found)
+
+
+def applied_intents(target: Target) -> list[str]:
+    """Every intent with state in the target: an nft table of ours, or BPF pins for this namespace."""
+    from .drivers.bpf import intent_pin_dir
+
+    names = {t.removeprefix(NFT_TABLE_PREFIX) for t in target.nft.tables()}
+    try:
+        pinned = [urllib.parse.unquote(e.name) for e in Path(BPF_PIN_ROOT).iterdir() if e.is_dir()]
+    except OSError:  # no bpffs, or no kernform pins at all
+        pinned = []
+    names.update(name for name in pinned if name and intent_pin_dir(name, target.netns).is_dir())
+    return sorted(names)
+
+
+# ---------------------------------------------------------------- rows
+@dataclass
+class Row:
+    """One origin's counters; rows of the same origin (a rule on several interfaces) add up."""
+
+    section: str
+    origin: str
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, values: Mapping[str, Any]) -> Row:
+        for name, value in values.items():
+            mine = self.values.get(name)
+            if name == "notAvailable" and mine is not None and value not in mine.split("; "):
+                self.values[name] = f"{mine}; {value}"
+            elif isinstance(value, int) and isinstance(mine, int):
+                self.values[name] = mine + value
+            elif mine is None:
+                self.values[name] = value
+        return self
+
+
+class Rows:
+    def __init__(self) -> None:
+        self.rows: dict[str, Row] = {}
+
+    def __call__(self, section: str, origin: str) -> Row:
+        row = self.rows.get(origin)
+        if row is None:
+            row = self.rows[origin] = Row(section, origin)
+        return row
+
+    def __contains__(self, origin: object) -> bool:
+        return origin in self.rows
+
+
+def ordered(rows: Iterable[Row]) -> dict[str, dict[str, Any]]:
+    def rank(row: Row) -> tuple[Any, ...]:
+        default = row.origin.endswith("(default)")
+        group = row.origin.removesuffix(" (default)").partition("/")[0]
+        section = SECTIONS.index(row.section) if row.section in SECTIONS else len(SECTIONS)
+        return section, group, default, row.origin
+
+    result: dict[str, dict[str, Any]] = {}
+    for row in sorted(rows, key=rank):
+        values = {"section": row.section, **row.values}
+        known = [k for k in FIELD_ORDER if k in values]
+        result[row.origin] = {k: values[k] for k in [*known, *(k for k in values if k not in FIELD_ORDER)]}
     return result
 
 
-def _bpf_counters(target: Target, desired: DesiredState) -> dict[str, dict[str, int]]:
-    """counters() of the BPF driver: {program: {map: {index: {field: value}}}}, mapped to intent rules."""
-    live: dict[str, Any] = target.bpf.counters(desired.intent)
-    result: dict[str, dict[str, int]] = {}
-    seen: set[tuple[str, str, int]] = set()  # several descriptors (ports, protocols) share one counter
-    for entry in desired.objects:
-        if not isinstance(entry, BpfMapEntry) or entry.map not in ("rules", "intercept_rules"):
+def counters(target: Target, observed: ObservedState, backends: Iterable[str],
+             intent: NetworkIntent | None = None, desired: DesiredState | None = None) -> dict[str, dict[str, Any]]:
+    """{origin: {"section": ..., field: value}} for the state of `backends` the kernel holds now.
+
+    With `intent` (and its `desired` compile), ebpf rows get the intent's names and the counters the
+    compile wants but the kernel lacks are listed as not available."""
+    rows = Rows()
+    for backend in backends:
+        if backend == "tproxy":
+            live = target.nft.counters(observed.nft.table) if observed.nft.exists else {}
+            wanted = [o.name for o in desired.objects if isinstance(o, NftCounter)] \
+                if desired is not None and desired.backend == "tproxy" else []
+            nft_rows(rows, observed.nft, live, wanted)
+        elif backend == "ebpf":
+            has_programs = any(isinstance(o, BpfProgram) for o in observed.bpf)
+            maps = target.bpf.counters(observed.intent) if has_programs else {}
+            names = ebpf_names(intent, desired if desired is not None and desired.backend == "ebpf" else None)
+            bpf_rows(rows, observed.bpf, maps, names)
+    return ordered(rows.rows.values())
+
+
+def rule_counters(target: Target, desired: DesiredState,
+                  intent: NetworkIntent | None = None) -> dict[str, dict[str, Any]]:
+    """Counters of `desired`'s backend as the kernel holds them now, by the compile's origins."""
+    observed = target.observe(desired.intent, desired.routing_tables, bpf=desired.backend == "ebpf")
+    return counters(target, observed, [desired.backend], intent, desired)
+
+
+# ---------------------------------------------------------------- tproxy: named nft counters
+def nft_counter_origin(name: str) -> tuple[str, str, str]:
+    """(section, origin, role) of one of kernform's nft counters, from its name alone.
+
+    Names are `f_<direction>_<rule>` (role "rule"), `f_<direction>_<rule>_pass` ("passed": packets a
+    rate limit let through), `fd_<direction>` ("default": packets reaching the chain's policy),
+    `i_<rule>` ("interception"), `lb_<service>` ("service"); intent names hold no '_', so the parts
+    are unambiguous. Any other name is reported as it is (role "other")."""
+    if name.startswith("fd_") and name[3:] in DIRECTIONS:
+        return "filtering", f"filtering.{name[3:]} (default)", "default"
+    if name.startswith("f_"):
+        direction, _, rule = name[2:].partition("_")
+        if direction in DIRECTIONS and rule:
+            if rule.endswith("_pass") and len(rule) > 5:
+                return "filtering", f"filtering.{direction}/{rule[:-5]}", "passed"
+            return "filtering", f"filtering.{direction}/{rule}", "rule"
+    if name.startswith("i_") and len(name) > 2:
+        return "interception", f"interception/{name[2:]}", "interception"
+    if name.startswith("lb_") and len(name) > 3:
+        return "loadBalancing", f"loadBalancing/{name[3:]}", "service"
+    return "other", name, "other"
+
+
+def nft_counter_verdicts(snapshot: Iterable[Mapping[str, Any]] | None) -> dict[str, str]:
+    """Counter name -> the verdict of the rule counting with it (nft JSON listing); "" for a rule without one."""
+    result: dict[str, str] = {}
+    for item in snapshot or ():
+        rule = item.get("rule")
+        if not isinstance(rule, Mapping):
             continue
-        value = bytes.fromhex(entry.value_hex)
-        if entry.map == "rules":
-            counter = bpf_layout.RULE.unpack(value)[3]
-            stats = live.get(entry.program, {}).get("counters", {}).get(counter, {})
-            fields = {"packets": stats.get("packets", 0), "bytes": stats.get("bytes", 0),
-                      "dropped": stats.get("dropped", 0)}
+        expr = [e for e in rule.get("expr", ()) if isinstance(e, Mapping)]
+        verdict = next((k for e in expr for k in e if k in ("accept", "drop", "reject")), "")
+        for e in expr:
+            if isinstance(e.get("counter"), str):  # a named counter; an anonymous one is a dict
+                result.setdefault(e["counter"], verdict)
+    return result
+
+
+def nft_rows(rows: Rows, observed: NftObservation, live: Mapping[str, tuple[int, int]],
+             wanted: Sequence[str] = ()) -> None:
+    verdicts = nft_counter_verdicts(observed.snapshot)
+    policies = {o.name: o.policy for o in observed.objects if isinstance(o, NftChain)}
+    for name, (packets, octets) in sorted(live.items()):
+        section, origin, role = nft_counter_origin(name)
+        row = rows(section, origin)
+        if role == "default":
+            policy = policies.get(f"filter_{name[3:]}")
+            row.add({"policy": _POLICY.get(policy or "", policy or "unknown"), "packets": packets, "bytes": octets})
+            if policy is not None:
+                row.add({"dropped": packets if policy in _DROPS else 0})
+        elif role == "service":
+            row.add({"newFlows": packets, "notAvailable": TPROXY_SERVICE}).add({"notAvailable": NO_PER_BACKEND})
+        elif role in ("rule", "passed"):
+            values: dict[str, Any] = {"packets": packets, "bytes": octets}
+            verdict = verdicts.get(name)
+            if verdict:
+                values["dropped"] = packets if verdict in _DROPS else 0
+            if role == "passed":
+                values["passed"] = packets
+            row.add(values)
         else:
-            counter = bpf_layout.INTERCEPT_RULE.unpack(value)[6]
-            stats = live.get(entry.program, {}).get("intercept_counters", {}).get(counter, {})
-            fields = {k: stats.get(k, 0) for k in ("redirected", "bypassed", "no_proxy")}
-        if (entry.program, entry.map, counter) in seen:
+            row.add({"packets": packets, "bytes": octets})
+    # Chains whose default policy has no counter of its own (applied by a kernform without fd_ counters).
+    for chain, policy in sorted(policies.items()):
+        direction = chain.removeprefix("filter_")
+        origin = f"filtering.{direction} (default)"
+        if chain.startswith("filter_") and direction in DIRECTIONS and origin not in rows:
+            rows("filtering", origin).add({"policy": _POLICY.get(policy, policy),
+                                           "notAvailable": f"packets (the table has no fd_{direction} counter)"})
+    for name in wanted:
+        if name not in live:
+            section, origin, _ = nft_counter_origin(name)
+            rows(section, origin).add({"notAvailable": f"counter {name} (not in the kernel: apply is pending)"})
+
+
+# ---------------------------------------------------------------- ebpf: per-CPU counter maps
+@dataclass(frozen=True)
+class EbpfNames:
+    """The intent's names for ebpf counter indexes, from its compile."""
+
+    filters: Mapping[tuple[str, int], str] = field(default_factory=dict)  # (program, counter) -> origin
+    intercepts: Mapping[tuple[str, int], str] = field(default_factory=dict)  # (inbound|outbound, counter)
+    services: Mapping[tuple[str, str], str] = field(default_factory=dict)  # (services_v4|v6, key hex)
+
+
+def ebpf_names(intent: NetworkIntent | None, desired: DesiredState | None) -> EbpfNames | None:
+    if intent is None and desired is None:
+        return None
+    filters: dict[tuple[str, int], str] = {}
+    services: dict[tuple[str, str], str] = {}
+    for entry in desired.objects if desired is not None else ():
+        if not isinstance(entry, BpfMapEntry):
             continue
-        seen.add((entry.program, entry.map, counter))
-        # A rule on several interfaces has a counter in each interface's program: add them up.
-        total = result.setdefault(entry.origin, dict.fromkeys(fields, 0))
-        for name, value_ in fields.items():
-            total[name] = total.get(name, 0) + int(value_)
-    return result
+        if entry.map == "rules":
+            filters[(entry.program, bpf_layout.RULE.unpack(bytes.fromhex(entry.value_hex))[3])] = entry.origin
+        elif entry.map in ("services_v4", "services_v6"):
+            services[(entry.map, entry.key_hex)] = entry.origin
+    intercepts: dict[tuple[str, int], str] = {}
+    if intent is not None:
+        # compiler/ebpf.py numbers the interception counters by the rule's position among the rules of
+        # its direction (the intercept_rules entries' origin names the direction only).
+        for direction in ("inbound", "outbound"):
+            rules = [r for r in intent.spec.interception.rules if r.direction == direction]
+            intercepts.update(((direction, i), f"interception/{r.name}") for i, r in enumerate(rules))
+    return EbpfNames(filters, intercepts, services)
+
+
+def _fields(stats: Any, map_name: str) -> dict[str, int]:
+    """One index of a counters() map as {field: value}: the driver gives dicts for the structs it
+    knows and u64 words for the others."""
+    if isinstance(stats, Mapping):
+        return {k: int(v) for k, v in stats.items()}
+    if isinstance(stats, Sequence):
+        return {k: int(v) for k, v in zip(_BPF_FIELDS.get(map_name, ()), stats, strict=False)}
+    return {}
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(p.title() for p in rest)
+
+
+def _setting(cflags: Sequence[str], name: str) -> int | None:
+    for flag in cflags:
+        key, _, value = flag.removeprefix("-D").partition("=")
+        if key == name and value.isdigit():
+            return int(value)
+    return None
+
+
+def _tc_interfaces(program: BpfProgram, prefix: str) -> str:
+    names = sorted({point.split(":")[1] for _, point in program.attachments if point.startswith("tc:")})
+    return ",".join(names) or program.name.removeprefix(prefix)
+
+
+def _ports(ranges: Iterable[tuple[int, int]]) -> str:
+    ranges = sorted(set(ranges))
+    if not ranges or (0, 65535) in ranges:
+        return "any port"
+    text = ", ".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ranges)
+    return ("port " if len(ranges) == 1 and ranges[0][0] == ranges[0][1] else "ports ") + text
+
+
+def _protos(protos: Iterable[int]) -> str:
+    return "+".join(_PROTO.get(p, str(p)) for p in sorted(set(protos)))
+
+
+def describe_filter_rule(descriptors: Sequence[tuple[int, ...]]) -> str:
+    """A tc_filter counter's rule from its descriptors (bpf_layout.RULE tuples sharing the counter)."""
+    flags = 0
+    for d in descriptors:
+        flags |= d[0]
+    hooks = "+".join(h for h, f in (("ingress", bpf_layout.RULE_INGRESS), ("egress", bpf_layout.RULE_EGRESS))
+                     if flags & f)
+    _, _, action, _, _, _, rate, burst, _ = descriptors[0]
+    verb = {bpf_layout.ACT_ALLOW: "allow", bpf_layout.ACT_DENY: "deny",
+            bpf_layout.ACT_RATE_LIMIT: f"rate-limit {rate}/s burst {burst}"}.get(action, f"action {action}")
+    return f"{hooks} {_protos(d[1] for d in descriptors)} {_ports((d[4], d[5]) for d in descriptors)} {verb}"
+
+
+def describe_intercept_rule(descriptors: Sequence[tuple[int, ...]]) -> str:
+    """An interception counter's rule from its descriptors (bpf_layout.INTERCEPT_RULE tuples)."""
+    redirects = [d for d in descriptors if d[0] == bpf_layout.ICPT_REDIRECT]
+    bypasses = len(descriptors) - len(redirects)
+    shown = redirects or descriptors
+    proxies = sorted({d[4] for d in redirects})
+    text = f"{_protos(d[1] for d in shown)} {_ports((d[2], d[3]) for d in shown)}"
+    text += f" -> proxy :{','.join(map(str, proxies))}" if proxies else " bypass"
+    return text + (f" ({bypasses} exceptions)" if redirects and bypasses else "")
+
+
+def _service_label(map_name: str, key: bytes) -> str:
+    layout = bpf_layout.SVC_KEY_V4 if map_name.endswith("v4") else bpf_layout.SVC_KEY_V6
+    vip, port, proto = layout.unpack(key)
+    address = ipaddress.ip_address(vip)
+    host = str(address) if address.version == 4 else f"[{address}]"
+    return f"{host}:{port}/{_PROTO.get(proto, proto)}"
+
+
+def bpf_rows(rows: Rows, observed: Iterable[KernelObject], live: Mapping[str, Mapping[str, Any]],
+             names: EbpfNames | None) -> None:
+    programs = {o.name: o for o in observed if isinstance(o, BpfProgram)}
+    entries: dict[tuple[str, str], list[BpfMapEntry]] = {}
+    for o in observed:
+        if isinstance(o, BpfMapEntry):
+            entries.setdefault((o.program, o.map), []).append(o)
+    socket_services: dict[str, str] = {}
+    for name, program in sorted(programs.items()):
+        maps = live.get(name, {})
+        if program.source == "tc_filter.c":
+            _filter_rows(rows, program, entries, maps, names)
+        elif program.source in ("sk_lookup.c", "sock_connect.c"):
+            direction = "inbound" if program.source == "sk_lookup.c" else "outbound"
+            by_counter: dict[int, list[tuple[int, ...]]] = {}
+            for entry in entries.get((name, "intercept_rules"), []):
+                d = bpf_layout.INTERCEPT_RULE.unpack(bytes.fromhex(entry.value_hex))
+                by_counter.setdefault(d[6], []).append(d)
+            stats = maps.get("intercept_counters", {})
+            for counter, descriptors in sorted(by_counter.items()):
+                origin = names.intercepts.get((direction, counter)) if names else None
+                row = rows("interception", origin or f"interception ({direction})/#{counter}")
+                fields = {_camel(k): v for k, v in _fields(stats.get(counter), "intercept_counters").items()}
+                row.add({k: fields.get(k, 0) for k in ("redirected", "bypassed", "noProxy")})
+                if origin is None:
+                    row.add({"rule": describe_intercept_rule(descriptors)})
+        if program.source in ("tc_lb.c", "sock_connect.c"):
+            stats = maps.get("lb_counters", {})
+            for map_name in ("services_v4", "services_v6"):
+                for entry in entries.get((name, map_name), []):
+                    key = bytes.fromhex(entry.key_hex)
+                    origin = (names.services.get((map_name, entry.key_hex)) if names else None) or \
+                        f"loadBalancing/{_service_label(map_name, key)}"
+                    if program.source == "sock_connect.c":
+                        socket_services[origin] = _service_label(map_name, key)
+                        continue
+                    svc_id = bpf_layout.SERVICE.unpack(bytes.fromhex(entry.value_hex))[0]
+                    fields = {_camel(k): v for k, v in _fields(stats.get(svc_id), "lb_counters").items()}
+                    rows("loadBalancing", origin).add(
+                        {k: fields.get(k, 0) for k in ("newFlows", "packets", "bytes", "dropped")})
+    for origin in sorted(socket_services):
+        row = rows("loadBalancing", origin)
+        if not row.values:
+            row.add({"notAvailable": "counters (balanced at connect() only: sock_connect keeps none)"})
+        else:
+            row.add({"notAvailable": SOCKET_SERVICE})
+    for row in rows.rows.values():
+        if row.section == "loadBalancing" and (row.origin in socket_services or "newFlows" in row.values):
+            row.add({"notAvailable": NO_PER_BACKEND})
+
+
+def _filter_rows(rows: Rows, program: BpfProgram, entries: Mapping[tuple[str, str], list[BpfMapEntry]],
+                 maps: Mapping[str, Any], names: EbpfNames | None) -> None:
+    where = f"filtering@{_tc_interfaces(program, 'tc-')}"
+    by_counter: dict[int, list[tuple[int, ...]]] = {}
+    for entry in entries.get((program.name, "rules"), []):
+        d = bpf_layout.RULE.unpack(bytes.fromhex(entry.value_hex))
+        by_counter.setdefault(d[3], []).append(d)
+    stats = maps.get("counters", {})
+    for counter, descriptors in sorted(by_counter.items()):
+        origin = names.filters.get((program.name, counter)) if names else None
+        row = rows("filtering", origin or f"{where}/#{counter}")
+        fields = _fields(stats.get(counter), "counters")
+        row.add({k: fields.get(k, 0) for k in ("packets", "bytes", "dropped")})
+        if origin is None:
+            row.add({"rule": describe_filter_rule(descriptors)})
+    # counters[KF_MAX_RULES]: packets that matched no rule, decided by the program's one default action.
+    max_rules = _setting(program.cflags, "KF_MAX_RULES")
+    default = bpf_layout.ACT_ALLOW
+    for entry in entries.get((program.name, "config"), []):
+        default = bpf_layout.FILTER_CONFIG.unpack(bytes.fromhex(entry.value_hex))[0] or bpf_layout.ACT_ALLOW
+    row = rows("filtering", f"{where} (default)")
+    row.add({"policy": "deny" if default == bpf_layout.ACT_DENY else "allow"})
+    if max_rules is None:
+        row.add({"notAvailable": "packets (the program's KF_MAX_RULES setting is unknown)"})
+    else:
+        fields = _fields(stats.get(max_rules), "counters")
+        row.add({k: fields.get(k, 0) for k in ("packets", "bytes", "dropped")})
+
+
+# ---------------------------------------------------------------- text
+def format_counters(counters: Mapping[str, Mapping[str, Any]], indent: str = "  ") -> list[str]:
+    """Counter rows for people, grouped by section."""
+    lines: list[str] = []
+    section = None
+    for origin, values in counters.items():
+        if values.get("section") != section:
+            section = values.get("section")
+            lines.append(f"{indent}{section}:")
+        figures = "  ".join(f"{k}={v}" for k, v in values.items() if k not in ("section", "rule", "notAvailable"))
+        line = f"{indent}  {origin:<46} {figures}".rstrip()
+        if "rule" in values:
+            line += f"  [{values['rule']}]"
+        lines.append(line)
+        if "notAvailable" in values:
+            lines.append(f"{indent}  {'':<46} not available: {values['notAvailable']}")
+    return lines
