@@ -347,6 +347,31 @@ KF_ALWAYS_INLINE __u64 kf_affinity_id(struct bpf_sock_addr *ctx, int is6)
 	return id;
 }
 
+/* A balanced (chosen = 1) or refused (0) connect()/sendmsg() of service id. */
+KF_ALWAYS_INLINE void kf_lb_count(__u32 id, int chosen)
+{
+	struct kf_lb_counter *c = lb_counters.lookup(&id);
+
+	if (!c)
+		return;
+	if (chosen)
+		c->new_flows++;
+	else
+		c->dropped++;
+}
+
+KF_ALWAYS_INLINE void kf_lb_count_backend(__u8 family, __u32 idx)
+{
+	struct kf_lb_backend_counter *c;
+
+	if (idx >= KF_MAX_BACKENDS)
+		return;
+	idx += family == 6 ? KF_MAX_BACKENDS : 0;
+	c = lb_be_counters.lookup(&idx);
+	if (c)
+		c->connections++;
+}
+
 /*
  * Picks a backend for d if d is a service. Returns 1 and fills addr/port
  * with the backend, 0 if d is not a service, -1 if the service has no
@@ -375,8 +400,10 @@ KF_ALWAYS_INLINE int kf_pick_backend(struct bpf_sock_addr *ctx, int is6, struct 
 	}
 	if (!svc)
 		return 0;
-	if (svc->backend_count == 0 || svc->id >= KF_MAX_SERVICES)
+	if (svc->backend_count == 0 || svc->id >= KF_MAX_SERVICES) {
+		kf_lb_count(svc->id, 0);
 		return -1;
+	}
 
 	if (svc->algorithm == KF_LB_AFFINITY)
 		slot = (__u32)(kf_mix64(kf_affinity_id(ctx, is6) ^ ((__u64)svc->id << 40)) % KF_MAGLEV_SIZE);
@@ -385,9 +412,13 @@ KF_ALWAYS_INLINE int kf_pick_backend(struct bpf_sock_addr *ctx, int is6, struct 
 	idx = svc->id * KF_MAGLEV_SIZE + slot;
 	bidx = maglev.lookup(&idx);
 	/* Slots hold backend index + 1, so an all-zero slot is an empty one. */
-	if (!bidx || *bidx == 0)
+	if (!bidx || *bidx == 0) {
+		kf_lb_count(svc->id, 0);
 		return -1;
+	}
 	idx = *bidx - 1;
+	kf_lb_count(svc->id, 1);
+	kf_lb_count_backend(d->family, idx);
 
 	if (d->family == 4) {
 		struct kf_backend_v4 *b = backends_v4.lookup(&idx);

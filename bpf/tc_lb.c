@@ -69,6 +69,8 @@
  *   lb_flows         LRU hash  kf_lb_flow_key -> kf_lb_flow     [KF_LB_FLOWS]
  *   lb_rev           LRU hash  kf_lb_rev_key -> kf_lb_rev       [KF_LB_FLOWS]
  *   lb_counters      percpu    u32 service id -> kf_lb_counter  [KF_MAX_SERVICES]
+ *   lb_be_counters   percpu    u32 backend (+ KF_MAX_BACKENDS for v6) -> kf_lb_backend_counter
+ *     (both declared in lib/kf_lb_tables.h)
  *
  * Settings: KF_MAX_SERVICES, KF_MAGLEV_SIZE (a prime), KF_MAX_BACKENDS,
  * KF_LB_FLOWS, KF_L2_HLEN, KF_IPV6_MAX_EXT, KF_PIN_DIR.
@@ -103,11 +105,9 @@
 #define KF_UDP_CSUM_OFF 6
 #define KF_TCP_FLAGS_OFF 13
 #define KF_TCP_SYN 0x02
-#define KF_TCP_ACK 0x10
 
 KF_MAP("lru_hash", struct kf_lb_flow_key, struct kf_lb_flow, lb_flows, KF_LB_FLOWS);
 KF_MAP("lru_hash", struct kf_lb_rev_key, struct kf_lb_rev, lb_rev, KF_LB_FLOWS);
-KF_MAP("percpu_array", u32, struct kf_lb_counter, lb_counters, KF_MAX_SERVICES);
 
 /*
  * Parses the packet and finds its L4 header. Returns 0 for a TCP or UDP
@@ -189,6 +189,18 @@ KF_ALWAYS_INLINE __u64 kf_lb_hash_addr(const __u8 *addr)
 	return kf_mix64(w[0] ^ kf_mix64(w[1]));
 }
 
+KF_ALWAYS_INLINE void kf_lb_count_backend(__u8 family, __u32 idx)
+{
+	struct kf_lb_backend_counter *c;
+
+	if (idx >= KF_MAX_BACKENDS)
+		return;
+	idx += family == 6 ? KF_MAX_BACKENDS : 0;
+	c = lb_be_counters.lookup(&idx);
+	if (c)
+		c->connections++;
+}
+
 /*
  * Chooses a backend of svc for the packet's flow. Returns 0 and fills
  * *out, or -1 if the service has no backend in the chosen slot.
@@ -214,6 +226,7 @@ KF_ALWAYS_INLINE int kf_lb_pick(struct kf_service *svc, struct kf_pkt *pkt, stru
 	if (!bidx || *bidx == 0)
 		return -1;
 	idx = *bidx - 1;
+	kf_lb_count_backend(pkt->family, idx);
 
 	__builtin_memset(out, 0, sizeof(*out));
 	out->service_id = id;

@@ -358,8 +358,9 @@ def _service(service: Service, b: _Builder, interfaces: Sequence[str] = ()) -> N
     expression, elements = backend_slots(service)
     # Both algorithms index the map with a 32-bit integer. The key is declared
     # with numgen even for jhash because nft 1.0.6 crashes listing a
-    # `typeof jhash ...` map, and listing is how apply snapshots for rollback.
-    decl = f"typeof numgen random mod 1 : {l3} daddr . {service.protocol} dport; flags interval;"
+    # `typeof jhash ...` map, and listing is how apply snapshots for rollback. Every element counts the
+    # connections it chose (the kernel gives each element the set's counter): per backend, their sum.
+    decl = f"typeof numgen random mod 1 : {l3} daddr . {service.protocol} dport; flags interval; counter;"
     b.objects.append(NftSet(b.table, map_name, digest(decl), True, decl, origin))
     b.objects += [shared(NftElement, b.table, map_name, key, value, origin) for key, value in elements]
     counter = b.counter(f"lb_{service.name}", origin)

@@ -21,13 +21,18 @@ backend is in place. Origins are named two ways:
   listed as not available.
 
 What a backend does not count is listed under `notAvailable` rather than shown
-as zero (per-backend counters of a service exist on neither backend yet).
+as zero. Each backend of a service has a row of its own
+(`loadBalancing/web -> 10.0.0.2:8080`, field `connections`): tproxy counts in
+the elements of the service's map (every element carries a counter; the
+elements of one backend add up), ebpf in `lb_be_counters`, indexed like the
+backends arrays.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import urllib.parse
+from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +59,7 @@ if TYPE_CHECKING:
 SECTIONS = ("interception", "loadBalancing", "filtering", "other")
 DIRECTIONS = ("input", "forward", "output")
 # The order fields are shown in (others follow in the order they were found).
-FIELD_ORDER = ("section", "policy", "newFlows", "redirected", "bypassed", "noProxy", "packets", "bytes", "dropped",
+FIELD_ORDER = ("section", "policy", "newFlows", "connections", "redirected", "bypassed", "noProxy", "packets", "bytes", "dropped",
                "passed", "rule", "notAvailable")
 _POLICY = {"accept": "allow", "drop": "deny"}
 _DROPS = frozenset({"drop", "reject"})
@@ -64,11 +69,10 @@ _BPF_FIELDS = {
     "counters": ("packets", "bytes", "dropped"),
     "intercept_counters": ("redirected", "bypassed", "no_proxy"),
     "lb_counters": ("new_flows", "packets", "bytes", "dropped"),
+    "lb_be_counters": ("connections",),
 }
-NO_PER_BACKEND = "per-backend counters (neither backend keeps them yet)"
 TPROXY_SERVICE = ("packets and bytes (nft counts a service in its nat chains, which see only the first packet "
                   "of a connection: newFlows)")
-SOCKET_SERVICE = "connections of local processes balanced at connect() (sock_connect keeps no service counters)"
 
 
 # ---------------------------------------------------------------- which backend
@@ -155,9 +159,10 @@ def counters(target: Target, observed: ObservedState, backends: Iterable[str],
     for backend in backends:
         if backend == "tproxy":
             live = target.nft.counters(observed.nft.table) if observed.nft.exists else {}
+            per_backend = target.nft.element_counters(observed.nft.table) if observed.nft.exists else {}
             wanted = [o.name for o in desired.objects if isinstance(o, NftCounter)] \
                 if desired is not None and desired.backend == "tproxy" else []
-            nft_rows(rows, observed.nft, live, wanted)
+            nft_rows(rows, observed.nft, live, wanted, per_backend)
         elif backend == "ebpf":
             has_programs = any(isinstance(o, BpfProgram) for o in observed.bpf)
             maps = target.bpf.counters(observed.intent) if has_programs else {}
@@ -212,7 +217,7 @@ def nft_counter_verdicts(snapshot: Iterable[Mapping[str, Any]] | None) -> dict[s
 
 
 def nft_rows(rows: Rows, observed: NftObservation, live: Mapping[str, tuple[int, int]],
-             wanted: Sequence[str] = ()) -> None:
+             wanted: Sequence[str] = (), per_backend: Mapping[str, Mapping[str, tuple[int, int]]] | None = None) -> None:
     verdicts = nft_counter_verdicts(observed.snapshot)
     policies = {o.name: o.policy for o in observed.objects if isinstance(o, NftChain)}
     for name, (packets, octets) in sorted(live.items()):
@@ -224,7 +229,12 @@ def nft_rows(rows: Rows, observed: NftObservation, live: Mapping[str, tuple[int,
             if policy is not None:
                 row.add({"dropped": packets if policy in _DROPS else 0})
         elif role == "service":
-            row.add({"newFlows": packets, "notAvailable": TPROXY_SERVICE}).add({"notAvailable": NO_PER_BACKEND})
+            row.add({"newFlows": packets, "notAvailable": TPROXY_SERVICE})
+            # The service's map is named like its counter; its elements count the connections they chose.
+            for value, (chosen, _) in sorted((per_backend or {}).get(name, {}).items()):
+                address, _, port = value.partition(" . ")
+                shown = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+                rows(section, f"{origin} -> {shown}").add({"connections": chosen})
         elif role in ("rule", "passed"):
             values: dict[str, Any] = {"packets": packets, "bytes": octets}
             verdict = verdicts.get(name)
@@ -359,7 +369,6 @@ def bpf_rows(rows: Rows, observed: Iterable[KernelObject], live: Mapping[str, Ma
     for o in observed:
         if isinstance(o, BpfMapEntry):
             entries.setdefault((o.program, o.map), []).append(o)
-    socket_services: dict[str, str] = {}
     for name, program in sorted(programs.items()):
         maps = live.get(name, {})
         if program.source == "tc_filter.c":
@@ -379,28 +388,47 @@ def bpf_rows(rows: Rows, observed: Iterable[KernelObject], live: Mapping[str, Ma
                 if origin is None:
                     row.add({"rule": describe_intercept_rule(descriptors)})
         if program.source in ("tc_lb.c", "sock_connect.c"):
-            stats = maps.get("lb_counters", {})
-            for map_name in ("services_v4", "services_v6"):
-                for entry in entries.get((name, map_name), []):
-                    key = bytes.fromhex(entry.key_hex)
-                    origin = (names.services.get((map_name, entry.key_hex)) if names else None) or \
-                        f"loadBalancing/{_service_label(map_name, key)}"
-                    if program.source == "sock_connect.c":
-                        socket_services[origin] = _service_label(map_name, key)
-                        continue
-                    svc_id = bpf_layout.SERVICE.unpack(bytes.fromhex(entry.value_hex))[0]
-                    fields = {_camel(k): v for k, v in _fields(stats.get(svc_id), "lb_counters").items()}
-                    rows("loadBalancing", origin).add(
-                        {k: fields.get(k, 0) for k in ("newFlows", "packets", "bytes", "dropped")})
-    for origin in sorted(socket_services):
-        row = rows("loadBalancing", origin)
-        if not row.values:
-            row.add({"notAvailable": "counters (balanced at connect() only: sock_connect keeps none)"})
-        else:
-            row.add({"notAvailable": SOCKET_SERVICE})
-    for row in rows.rows.values():
-        if row.section == "loadBalancing" and (row.origin in socket_services or "newFlows" in row.values):
-            row.add({"notAvailable": NO_PER_BACKEND})
+            _service_rows(rows, program, entries, maps, names)
+
+
+def _service_rows(rows: Rows, program: BpfProgram, entries: Mapping[tuple[str, str], list[BpfMapEntry]],
+                  maps: Mapping[str, Any], names: EbpfNames | None) -> None:
+    """Per service (lb_counters) and per backend (lb_be_counters). tc_lb counts forwarded flows and their
+    packets, sock_connect the connect()/sendmsg() calls it balanced (no packets); rows of the same
+    service add up over programs. A service's backends are the indexes its Maglev row holds."""
+    stats = maps.get("lb_counters", {})
+    backend_stats = maps.get("lb_be_counters", {})
+    size = _setting(program.cflags, "KF_MAGLEV_SIZE")
+    max_backends = _setting(program.cflags, "KF_MAX_BACKENDS") or 4096
+    rows_by_first: dict[int, bytes] = {}
+    for entry in entries.get((program.name, "maglev"), []):
+        rows_by_first[bpf_layout.U32.unpack(bytes.fromhex(entry.key_hex))[0]] = bytes.fromhex(entry.value_hex)
+    for map_name in ("services_v4", "services_v6"):
+        family = 4 if map_name.endswith("v4") else 6
+        addresses = {bpf_layout.U32.unpack(bytes.fromhex(e.key_hex))[0]: bytes.fromhex(e.value_hex)
+                     for e in entries.get((program.name, f"backends_v{family}"), [])}
+        for entry in entries.get((program.name, map_name), []):
+            key = bytes.fromhex(entry.key_hex)
+            origin = (names.services.get((map_name, entry.key_hex)) if names else None) or \
+                f"loadBalancing/{_service_label(map_name, key)}"
+            svc_id = bpf_layout.SERVICE.unpack(bytes.fromhex(entry.value_hex))[0]
+            fields = {_camel(k): v for k, v in _fields(stats.get(svc_id), "lb_counters").items()}
+            wanted = ("newFlows", "packets", "bytes", "dropped") if program.source == "tc_lb.c" \
+                else ("newFlows", "dropped")
+            rows("loadBalancing", origin).add({k: fields.get(k, 0) for k in wanted})
+            row_bytes = rows_by_first.get(svc_id * size) if size else None
+            if row_bytes is None:
+                continue
+            for index in sorted({slot - 1 for slot in array("I", row_bytes) if slot}):
+                value = addresses.get(index)
+                layout = bpf_layout.BACKEND_V4 if family == 4 else bpf_layout.BACKEND_V6
+                if value is None:
+                    continue
+                address, port = layout.unpack(value)
+                ip = ipaddress.ip_address(address)
+                shown = f"{ip}:{port}" if family == 4 else f"[{ip}]:{port}"
+                chosen = _fields(backend_stats.get(index + (max_backends if family == 6 else 0)), "lb_be_counters")
+                rows("loadBalancing", f"{origin} -> {shown}").add({"connections": chosen.get("connections", 0)})
 
 
 def _filter_rows(rows: Rows, program: BpfProgram, entries: Mapping[tuple[str, str], list[BpfMapEntry]],

@@ -3,6 +3,8 @@
  * The load-balancing tables that sock_connect.c (connect-time balancing) and
  * tc_lb.c (forwarded traffic at tc) both hold, declared once so that the
  * compiler's single layout (compiler/bpf_layout.py) fits both objects.
+ * Also their counters, which both programs keep alike (lb_counters per service,
+ * lb_be_counters per backend).
  * Settings: KF_MAX_SERVICES, KF_MAGLEV_SIZE (a prime), KF_MAX_BACKENDS.
  */
 #ifndef KF_LB_TABLES_H
@@ -28,5 +30,9 @@ KF_MAP("hash", struct kf_svc_key_v6, struct kf_service, services_v6, KF_MAX_SERV
 KF_MAP_F("array", u32, u32, maglev, KF_MAX_SERVICES * KF_MAGLEV_SIZE, BPF_F_MMAPABLE);
 KF_MAP("array", u32, struct kf_backend_v4, backends_v4, KF_MAX_BACKENDS);
 KF_MAP("array", u32, struct kf_backend_v6, backends_v6, KF_MAX_BACKENDS);
+/* Per service (index = kf_service.id) and per backend (index = backend index, + KF_MAX_BACKENDS for
+ * backends_v6): what each program balanced. */
+KF_MAP("percpu_array", u32, struct kf_lb_counter, lb_counters, KF_MAX_SERVICES);
+KF_MAP("percpu_array", u32, struct kf_lb_backend_counter, lb_be_counters, 2 * KF_MAX_BACKENDS);
 
 #endif /* KF_LB_TABLES_H */

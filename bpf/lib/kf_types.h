@@ -292,14 +292,24 @@ struct kf_lb_rev {
 
 /*
  * Per-CPU array `lb_counters`, index = kf_service.id (sum over CPUs).
- * packets/bytes count every client packet to the service at ingress,
- * dropped ones included.
+ * tc_lb: packets/bytes count every client packet to the service at
+ * ingress, dropped ones included. sock_connect: new_flows counts balanced
+ * connect()/sendmsg() calls and dropped those refused (no backend);
+ * packets and bytes stay 0 (there is no packet at connect).
  */
 struct kf_lb_counter {
 	__u64 new_flows; /* backends chosen for a new (or re-opened) flow */
 	__u64 packets;
 	__u64 bytes;     /* skb->len, link header included */
 	__u64 dropped;   /* no backend (backend_count 0, empty slot), or a failed rewrite */
+};
+
+/*
+ * Per-CPU array `lb_be_counters` (tc_lb and sock_connect), index = backend
+ * index (backends_v4), or KF_MAX_BACKENDS + index (backends_v6).
+ */
+struct kf_lb_backend_counter {
+	__u64 connections; /* flows (tc_lb) or connect()/sendmsg() calls (sock_connect) sent to it */
 };
 
 #endif /* KF_TYPES_H */

@@ -194,6 +194,8 @@ _AFFINITY_FUNCTIONS = frozenset({"kf_connect4", "kf_connect6", "kf_sendmsg4", "k
 COUNTER_FIELDS: dict[str, tuple[str, ...]] = {
     "counters": ("packets", "bytes", "dropped"),
     "intercept_counters": ("redirected", "bypassed", "no_proxy"),
+    "lb_counters": ("new_flows", "packets", "bytes", "dropped"),
+    "lb_be_counters": ("connections",),
 }
 NOT_COUNTERS = frozenset({"scratch"})
 # Sockmaps of proxy sockets and the address family each slot's socket must accept (bpf/sk_lookup.c).

@@ -76,7 +76,8 @@ def layout_of(declaration: str) -> SetLayout | None:
         return SetLayout(16, True)
     for l3, family in (("ip", 4), ("ip6", 6)):
         for proto in ("tcp", "udp"):
-            if declaration == f"typeof numgen random mod 1 : {l3} daddr . {proto} dport; flags interval;":
+            if declaration == f"typeof numgen random mod 1 : {l3} daddr . {proto} dport; flags interval; counter;":
+                # The kernel gives every added element the set's counter: the raw batch needs no expression.
                 return SetLayout(4, False, family)
     return None
 

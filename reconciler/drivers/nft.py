@@ -182,6 +182,29 @@ class NftDriver:
         return {item["counter"]["name"]: (item["counter"].get("packets", 0), item["counter"].get("bytes", 0))
                 for item in json.loads(output)["nftables"] if "counter" in item}
 
+    def element_counters(self, table: str) -> dict[str, dict[str, tuple[int, int]]]:
+        """Per map with element counters (a service's backends): {map: {value: (packets, bytes)}}, summed
+        over the elements that map to the same value, read now."""
+        rc, output, _ = self._nft.cmd(f"list table {NFT_FAMILY} {table}")
+        if rc != 0:
+            return {}
+        result: dict[str, dict[str, tuple[int, int]]] = {}
+        for item in json.loads(output)["nftables"]:
+            body = item.get("map")
+            if not isinstance(body, dict):
+                continue
+            for elem in body.get("elem", []):
+                if not isinstance(elem, list) or not isinstance(elem[0], dict) or "elem" not in elem[0]:
+                    continue
+                counter = elem[0]["elem"].get("counter")
+                if not isinstance(counter, dict):
+                    continue
+                per_value = result.setdefault(body["name"], {})
+                value = element_text(elem[1])
+                packets, octets = per_value.get(value, (0, 0))
+                per_value[value] = (packets + counter.get("packets", 0), octets + counter.get("bytes", 0))
+        return result
+
     # ------------------------------------------------------------------ writing
     def apply(self, actions: Sequence[Action], desired: Iterable[KernelObject], observed: NftObservation,
               desired_index: Mapping[ObjectKey, KernelObject] | None = None) -> int:

@@ -154,6 +154,7 @@ def test_tc_lb_maps_are_pinned_and_reused_with_kf_pin_dir(kf: Any) -> None:
             "lb_flows",
             "lb_rev",
             "lb_counters",
+            "lb_be_counters",
         }
 
         second = kf.load_bpf("tc_lb.c", flags)

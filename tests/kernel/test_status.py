@@ -170,7 +170,9 @@ def test_status_with_file_finds_the_backend_and_counts_every_section(applied: st
 
     service = counters["loadBalancing/web"]
     assert service["section"] == "loadBalancing" and service["newFlows"] >= 3, service
-    assert "per-backend counters" in service["notAvailable"], service
+    # Each backend has its own row: the one backend took every connection.
+    backend = counters[f"loadBalancing/web -> {GW_ADDR}:{SERVER_PORT}"]
+    assert backend["section"] == "loadBalancing" and backend["connections"] >= 3, counters
 
 
 def test_status_without_file_names_counters_from_the_kernel(applied: str) -> None:
@@ -192,6 +194,7 @@ def test_status_without_file_names_counters_from_the_kernel(applied: str) -> Non
         intercept = next(v for k, v in counters.items() if k.startswith("interception (inbound)/#"))
         assert intercept["redirected"] > 0 and "port 80" in intercept["rule"], counters
         assert counters[f"loadBalancing/{VIP}:80/tcp"]["newFlows"] >= 3, counters
+        assert counters[f"loadBalancing/{VIP}:80/tcp -> {GW_ADDR}:{SERVER_PORT}"]["connections"] >= 3, counters
     sections = {v["section"] for v in counters.values()}
     assert sections == {"interception", "loadBalancing", "filtering"}, counters
 
@@ -199,7 +202,7 @@ def test_status_without_file_names_counters_from_the_kernel(applied: str) -> Non
 def test_status_text_shows_backend_sync_and_counters(applied: str, intent_file: Path) -> None:
     text = kernform("status", "--netns", GW, str(intent_file)).stdout
     assert f"backend {applied} (read from the kernel" in text and "in sync with the file" in text, text
-    assert "deny-probe" in text and "not available: " in text, text
+    assert "deny-probe" in text and f"loadBalancing/web -> {GW_ADDR}:{SERVER_PORT}" in text, text
     bare = kernform("status", "--netns", GW).stdout
     assert f"intent {INTENT} on netns {GW}: applied, backend {applied}" in bare, bare
     assert "interception:" in bare and "loadBalancing:" in bare and "filtering:" in bare, bare

@@ -96,7 +96,8 @@ def test_nft_rows_take_drops_from_the_verdicts_and_defaults_from_the_chain_polic
     live = {"f_input_deny-ssh": (4, 240), "f_input_dns": (3, 180), "f_input_dns_pass": (5, 300),
             "fd_input": (7, 420), "f_forward_ok": (2, 100), "i_web-in": (1, 60), "lb_web": (6, 360)}
     rows = Rows()
-    nft_rows(rows, observed, live, wanted=[*live, "i_api-in"])
+    per_backend = {"lb_web": {"10.0.1.1 . 80": (4, 240), "10.0.1.2 . 80": (2, 120)}}
+    nft_rows(rows, observed, live, wanted=[*live, "i_api-in"], per_backend=per_backend)
     counters = ordered(rows.rows.values())
     assert counters["filtering.input/deny-ssh"] == {"section": "filtering", "packets": 4, "bytes": 240, "dropped": 4}
     # A rate limit's two counters are one rule: what it matched, what it dropped and what it let through.
@@ -110,7 +111,8 @@ def test_nft_rows_take_drops_from_the_verdicts_and_defaults_from_the_chain_polic
     assert "fd_forward" in counters["filtering.forward (default)"]["notAvailable"]
     assert counters["interception/web-in"] == {"section": "interception", "packets": 1, "bytes": 60}
     assert counters["loadBalancing/web"]["newFlows"] == 6 and "packets" not in counters["loadBalancing/web"]
-    assert "per-backend counters" in counters["loadBalancing/web"]["notAvailable"]
+    assert counters["loadBalancing/web -> 10.0.1.1:80"] == {"section": "loadBalancing", "connections": 4}
+    assert counters["loadBalancing/web -> 10.0.1.2:80"]["connections"] == 2
     assert "apply is pending" in counters["interception/api-in"]["notAvailable"]
     assert [v["section"] for v in counters.values()] == sorted(
         (v["section"] for v in counters.values()), key=["interception", "loadBalancing", "filtering"].index)
@@ -141,7 +143,7 @@ def _live(desired: Any) -> dict[str, dict[str, Any]]:
         elif program.source in ("sk_lookup.c", "sock_connect.c"):
             live[program.name] = {"intercept_counters": {0: {"redirected": 3, "bypassed": 1, "no_proxy": 0}}}
         elif program.source == "tc_lb.c":
-            live[program.name] = {"lb_counters": {0: [2, 20, 2000, 1]}}
+            live[program.name] = {"lb_counters": {0: [2, 20, 2000, 1]}, "lb_be_counters": {0: [1], 1: [1]}}
     return live
 
 
@@ -161,7 +163,8 @@ def test_ebpf_rows_without_the_intent_are_named_by_program_and_index_and_describ
     service = counters["loadBalancing/10.0.0.10:80/tcp"]
     assert {k: service[k] for k in ("newFlows", "packets", "bytes", "dropped")} == \
         {"newFlows": 2, "packets": 20, "bytes": 2000, "dropped": 1}
-    assert "per-backend counters" in service["notAvailable"] and "connect()" in service["notAvailable"]
+    assert counters["loadBalancing/10.0.0.10:80/tcp -> 10.0.1.1:80"] == {"section": "loadBalancing", "connections": 1}
+    assert counters["loadBalancing/10.0.0.10:80/tcp -> 10.0.1.2:80"]["connections"] == 1
 
 
 def test_ebpf_rows_with_the_intent_carry_its_names() -> None:
@@ -170,13 +173,14 @@ def test_ebpf_rows_with_the_intent_carry_its_names() -> None:
     bpf_rows(rows, _as_observed(desired), _live(desired), ebpf_names(intent, desired))
     counters = ordered(rows.rows.values())
     assert set(counters) == {"interception/web-in", "interception/api-in", "loadBalancing/web",
+                             "loadBalancing/web -> 10.0.1.1:80", "loadBalancing/web -> 10.0.1.2:80",
                              "filtering.input/deny-ssh", "filtering.input/dns", "filtering@eth0 (default)"}
     assert counters["filtering.input/deny-ssh"]["packets"] == 10 and "rule" not in counters["filtering.input/deny-ssh"]
     assert counters["interception/web-in"]["redirected"] == 3
     assert counters["loadBalancing/web"]["newFlows"] == 2
     text = "\n".join(format_counters(counters))
     assert text.index("interception:") < text.index("loadBalancing:") < text.index("filtering:")
-    assert "not available: " in text
+    assert "loadBalancing/web -> 10.0.1.1:80" in text and "connections=" in text
 
 
 def test_the_backend_is_what_the_kernel_holds() -> None:
