@@ -28,8 +28,10 @@
  * Interfaces: a rule applies only to connections arriving on its interfaces
  * (`intercept_ifs`, ifindex -> bitmap of the rules allowed there, keyed
  * by interface name on the Python side and resolved by the reconciler).
- * The namespace's own connections arrive on lo and are therefore left alone
- * unless a rule names lo: inbound means from other hosts.
+ * A connection from a local source address (local_addrs, loopback) is the
+ * namespace's own: it counts as arriving on lo, whatever interface the kernel
+ * reports (a local connection to an interface's address is reported on that
+ * interface), so only a rule naming lo takes it, as with the tproxy backend.
  *
  * A REDIRECT rule whose slot holds no socket of the right protocol lets
  * the packet continue to the normal lookup (counted as no_proxy), so a
@@ -40,6 +42,7 @@
 #include <uapi/linux/bpf.h>
 
 #include "lib/kf_common.h"
+#include "lib/kf_local.h" /* local_addrs: the namespace's own connections are not inbound */
 #include "lib/kf_maps.h"
 #include "lib/kf_types.h"
 
@@ -149,6 +152,7 @@ KF_MAP("sockmap", u32, u64, proxy_socks6, KF_MAX_PROXIES);
 int kf_sk_lookup(struct bpf_sk_lookup *ctx)
 {
 	struct kf_intercept_rule *rule;
+	struct kf_addr_key src = {};
 	struct bpf_sock *sk;
 	__u8 addr[16] = {};
 	__u32 ifindex, proto, port;
@@ -160,8 +164,12 @@ int kf_sk_lookup(struct bpf_sk_lookup *ctx)
 		__u32 a = ctx->local_ip4;
 
 		KF_BARRIER();
+		__u32 r = ctx->remote_ip4;
+
+		KF_BARRIER();
 		family = 4;
 		__builtin_memcpy(addr, &a, 4);
+		__builtin_memcpy(src.addr, &r, 4);
 	} else if (ctx->family == KF_AF_INET6) {
 		__u32 a6[4];
 
@@ -170,8 +178,16 @@ int kf_sk_lookup(struct bpf_sk_lookup *ctx)
 		a6[2] = ctx->local_ip6[2];
 		a6[3] = ctx->local_ip6[3];
 		KF_BARRIER();
+		__u32 r6[4];
+
+		r6[0] = ctx->remote_ip6[0];
+		r6[1] = ctx->remote_ip6[1];
+		r6[2] = ctx->remote_ip6[2];
+		r6[3] = ctx->remote_ip6[3];
+		KF_BARRIER();
 		family = 6;
 		__builtin_memcpy(addr, a6, 16);
+		__builtin_memcpy(src.addr, r6, 16);
 	} else {
 		return SK_PASS;
 	}
@@ -184,6 +200,11 @@ int kf_sk_lookup(struct bpf_sk_lookup *ctx)
 	ifindex = ctx->ingress_ifindex;
 	KF_BARRIER();
 
+	/* The namespace's own connection arrives on lo, as the tproxy backend's prerouting sees it:
+	 * captured only by a rule that names lo (1 is loopback's ifindex in every namespace). */
+	src.family = family;
+	if (kf_is_local_by_form(family, src.addr) || local_addrs.lookup(&src))
+		ifindex = 1;
 	rule = kf_intercept_lookup(ifindex, family, addr, (__u8)proto, (__u16)port);
 	if (!rule)
 		return SK_PASS;

@@ -76,14 +76,12 @@
 
 #include "lib/kf_common.h"
 #include "lib/kf_lb_tables.h" /* services, maglev, backends: as in tc_lb.c */
+#include "lib/kf_local.h"     /* local_addrs */
 #include "lib/kf_maps.h"
 #include "lib/kf_types.h"
 
 #ifndef KF_MAX_EXCLUDES
 #define KF_MAX_EXCLUDES 256
-#endif
-#ifndef KF_MAX_LOCAL_ADDRS
-#define KF_MAX_LOCAL_ADDRS 1024
 #endif
 #ifndef KF_ORIG_DST_ENTRIES
 #define KF_ORIG_DST_ENTRIES 65536
@@ -98,7 +96,6 @@
 KF_MAP("lru_hash", struct kf_rev_nat_key, struct kf_rev_nat_value, rev_nat, KF_ORIG_DST_ENTRIES);
 KF_MAP("hash", u32, u8, exclude_uid, KF_MAX_EXCLUDES);
 KF_MAP("hash", u32, u8, exclude_gid, KF_MAX_EXCLUDES);
-KF_MAP("hash", struct kf_addr_key, u8, local_addrs, KF_MAX_LOCAL_ADDRS);
 KF_MAP("lru_hash", u64, struct kf_orig_dst, orig_dst, KF_ORIG_DST_ENTRIES);
 KF_MAP("lru_hash", struct kf_tuple_key, struct kf_orig_dst, orig_dst_tuple, KF_ORIG_DST_ENTRIES);
 
@@ -254,7 +251,7 @@ KF_ALWAYS_INLINE void kf_write_dst(struct bpf_sock_addr *ctx, int is6, struct kf
 }
 
 /*
- * Loopback (127.0.0.0/8, ::1) or an address of this network namespace:
+ * Local by form (kf_local.h: loopback, multicast, broadcast) or an address of this network namespace:
  * local_addrs mirrors the namespace's addresses (the reconciler keeps it
  * equal to them; see bpf/README.md). v4-mapped destinations are IPv4 here.
  */
@@ -262,16 +259,8 @@ KF_ALWAYS_INLINE int kf_is_local(struct kf_dst *d)
 {
 	struct kf_addr_key k = {};
 
-	if (d->family == 4) {
-		if (d->addr[0] == 127)
-			return 1;
-	} else {
-		__u32 a[4];
-
-		__builtin_memcpy(a, d->addr, 16);
-		if (a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == bpf_htonl(1))
-			return 1;
-	}
+	if (kf_is_local_by_form(d->family, d->addr))
+		return 1;
 	k.family = d->family;
 	__builtin_memcpy(k.addr, d->addr, 16);
 	return local_addrs.lookup(&k) != NULL;

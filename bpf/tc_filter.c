@@ -11,6 +11,11 @@
  * interface serves both directions; a rule says in kf_rule.flags which
  * directions it applies to.
  *
+ * Verdicts: TC_ACT_SHOT drops; a packet the filter lets through gets
+ * TC_ACT_UNSPEC, so the next filter on the hook (another intent's, or a
+ * foreign one) still runs: every intent's filter must let a packet through,
+ * as with nft base chains of several tables at one hook.
+ *
  * Interface matching: one object is loaded (and its maps pinned, see
  * lib/kf_maps.h) per interface. The compiler writes into an interface's
  * maps only the rules that apply to that interface; the program itself
@@ -20,13 +25,21 @@
  *   src_v4, dst_v4     LPM trie  kf_lpm_v4 -> kf_rule_set
  *   src_v6, dst_v6     LPM trie  kf_lpm_v6 -> kf_rule_set
  *   rules              array     u32 index -> kf_rule        [KF_MAX_RULES]
- *   counters           percpu    u32 counter -> kf_counter   [KF_MAX_RULES + 1]
+ *   counters           percpu    u32 counter -> kf_counter   [KF_MAX_RULES + 3]
  *   ratelimit          LRU hash  kf_rl_key -> kf_rl_bucket   [KF_RL_ENTRIES]
  *   config             array     0 -> kf_filter_config       [1]
+ *   local_addrs        hash      kf_addr_key -> u8 (lib/kf_local.h)
+ *
+ * Chains as nftables has them: at ingress a packet to a local address
+ * (local_addrs, loopback, multicast, broadcast) meets the input rules and
+ * default, any other the forward ones; at egress a packet from a local
+ * address meets the output rules and default, and a forwarded one leaves
+ * untouched.
  *
  * Per packet: candidates = src_trie(saddr) AND dst_trie(daddr); the lowest
  * candidate whose descriptor matches direction, protocol and port wins;
- * no winner means the default action (counted at counters[KF_MAX_RULES]).
+ * no winner means the chain's default action (counted at
+ * counters[KF_MAX_RULES + chain]: 0 input, 1 forward, 2 output).
  * Packets that are not IPv4/IPv6 (ARP, LLDP) always pass, uncounted.
  *
  * Settings: KF_MAX_RULES, KF_MAX_PREFIXES, KF_RL_ENTRIES, KF_L2_HLEN,
@@ -36,6 +49,7 @@
 #include <uapi/linux/pkt_cls.h>
 
 #include "lib/kf_common.h"
+#include "lib/kf_local.h" /* local_addrs: which chain a packet is in */
 #include "lib/kf_maps.h"
 #include "lib/kf_parse.h"
 #include "lib/kf_types.h"
@@ -53,7 +67,7 @@ KF_LPM(struct kf_lpm_v4, struct kf_rule_set, dst_v4, KF_MAX_PREFIXES);
 KF_LPM(struct kf_lpm_v6, struct kf_rule_set, src_v6, KF_MAX_PREFIXES);
 KF_LPM(struct kf_lpm_v6, struct kf_rule_set, dst_v6, KF_MAX_PREFIXES);
 KF_MAP("array", u32, struct kf_rule, rules, KF_MAX_RULES);
-KF_MAP("percpu_array", u32, struct kf_counter, counters, KF_MAX_RULES + 1);
+KF_MAP("percpu_array", u32, struct kf_counter, counters, KF_MAX_RULES + 3);
 KF_MAP("lru_hash", struct kf_rl_key, struct kf_rl_bucket, ratelimit, KF_RL_ENTRIES);
 KF_MAP("array", u32, struct kf_filter_config, config, 1);
 /*
@@ -91,6 +105,18 @@ KF_ALWAYS_INLINE struct kf_rule_set *kf_lookup_dst(struct kf_pkt *pkt)
 
 	__builtin_memcpy(k6.addr, pkt->daddr, 16);
 	return dst_v6.lookup(&k6);
+}
+
+/* Whether addr (of pkt's family) is an address of this namespace, or local by its form. */
+KF_ALWAYS_INLINE int kf_is_local_addr(struct kf_pkt *pkt, const __u8 *addr)
+{
+	struct kf_addr_key k = {};
+
+	if (kf_is_local_by_form(pkt->family, addr))
+		return 1;
+	k.family = pkt->family;
+	__builtin_memcpy(k.addr, addr, 16);
+	return local_addrs.lookup(&k) != NULL;
 }
 
 KF_ALWAYS_INLINE int kf_rule_matches(struct kf_rule *r, struct kf_pkt *pkt, __u32 dir_flag)
@@ -161,18 +187,18 @@ KF_ALWAYS_INLINE void kf_count(__u32 idx, __u32 len, int dropped)
 		c->dropped++;
 }
 
-KF_ALWAYS_INLINE int kf_filter(struct __sk_buff *skb, __u32 dir_flag)
+KF_ALWAYS_INLINE int kf_filter(struct __sk_buff *skb, __u32 hook)
 {
 	struct kf_pkt *pkt;
 	struct kf_rule_set *src, *dst;
 	struct kf_rule *rule = NULL;
 	struct kf_filter_config *cfg;
-	__u32 zero = 0, w, j, idx;
+	__u32 zero = 0, w, j, idx, dir_flag, chain;
 	int ret;
 
 	pkt = scratch.lookup(&zero);
 	if (!pkt)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	__builtin_memset(pkt, 0, sizeof(*pkt));
 	ret = kf_parse(skb, pkt);
 	if (ret == KF_PARSE_SHORT && skb->len > skb->data_end - skb->data) {
@@ -181,7 +207,20 @@ KF_ALWAYS_INLINE int kf_filter(struct __sk_buff *skb, __u32 dir_flag)
 		ret = kf_parse(skb, pkt);
 	}
 	if (ret == KF_PARSE_NOT_IP)
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
+	if (hook == KF_RULE_EGRESS) {
+		/* Only the namespace's own packets are output; forwarded ones leaving meet no chain here. */
+		if (ret != KF_PARSE_OK || !kf_is_local_addr(pkt, pkt->saddr))
+			return TC_ACT_UNSPEC;
+		dir_flag = KF_RULE_OUTPUT;
+		chain = 2;
+	} else if (ret == KF_PARSE_OK && !kf_is_local_addr(pkt, pkt->daddr)) {
+		dir_flag = KF_RULE_FORWARD;
+		chain = 1;
+	} else {
+		dir_flag = KF_RULE_INPUT;
+		chain = 0;
+	}
 	if (ret != KF_PARSE_OK)
 		goto no_match; /* truncated or malformed IP: default action */
 
@@ -189,7 +228,7 @@ KF_ALWAYS_INLINE int kf_filter(struct __sk_buff *skb, __u32 dir_flag)
 	cfg = config.lookup(&zero);
 	if (cfg && (cfg->stateful & dir_flag) && pkt->proto == KF_IPPROTO_TCP &&
 	    (pkt->tcp_flags & KF_TCP_ACK) && !(pkt->flags & KF_PKT_FRAGMENT))
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 
 	src = kf_lookup_src(pkt);
 	dst = kf_lookup_dst(pkt);
@@ -209,21 +248,23 @@ KF_ALWAYS_INLINE int kf_filter(struct __sk_buff *skb, __u32 dir_flag)
 	}
 
 no_match:;
-	int deny;
+	int deny = 0;
 
 	cfg = config.lookup(&zero);
-	deny = cfg && cfg->default_action == KF_ACT_DENY;
-	kf_count(KF_MAX_RULES, skb->len, deny);
-	return deny ? TC_ACT_SHOT : TC_ACT_OK;
+	if (cfg)
+		deny = (chain == 0 ? cfg->default_input : chain == 1 ? cfg->default_forward : cfg->default_output) ==
+		       KF_ACT_DENY;
+	kf_count(KF_MAX_RULES + chain, skb->len, deny);
+	return deny ? TC_ACT_SHOT : TC_ACT_UNSPEC;
 
 matched:
 	if (rule->action == KF_ACT_ALLOW) {
 		kf_count(rule->counter, skb->len, 0);
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	}
 	if (rule->action == KF_ACT_RATE_LIMIT && kf_rate_ok(rule, pkt, skb->len)) {
 		kf_count(rule->counter, skb->len, 0);
-		return TC_ACT_OK;
+		return TC_ACT_UNSPEC;
 	}
 	kf_count(rule->counter, skb->len, 1);
 	return TC_ACT_SHOT;

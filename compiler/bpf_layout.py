@@ -23,15 +23,16 @@ from .cidr import Prefix
 # kf_rule.action / flags (tc_filter)
 ACT_ALLOW, ACT_DENY, ACT_RATE_LIMIT = 1, 2, 3
 RULE_INGRESS, RULE_EGRESS = 1 << 0, 1 << 1
+RULE_INPUT, RULE_FORWARD, RULE_OUTPUT = 1 << 4, 1 << 5, 1 << 6
 # kf_intercept_rule.action
 ICPT_REDIRECT, ICPT_BYPASS = 1, 2
 # kf_service.algorithm
 LB_RANDOM, LB_AFFINITY = 0, 1
 
 CONFIG_MAPS: dict[str, tuple[str, ...]] = {
-    "tc_filter.c": ("src_v4", "dst_v4", "src_v6", "dst_v6", "rules", "config"),
+    "tc_filter.c": ("src_v4", "dst_v4", "src_v6", "dst_v6", "rules", "config", "local_addrs"),
     "sk_lookup.c": ("intercept_v4", "intercept_v6", "intercept_rules", "intercept_ifs", "proxy_socks",
-                    "proxy_socks6"),
+                    "proxy_socks6", "local_addrs"),
     "tc_lb.c": ("services_v4", "services_v6", "maglev", "backends_v4", "backends_v6"),
     "sock_connect.c": (
         "services_v4", "services_v6", "maglev", "backends_v4", "backends_v6",
@@ -48,7 +49,8 @@ U32 = struct.Struct("<I")
 LPM_V4 = struct.Struct("<I4s")
 LPM_V6 = struct.Struct("<I16s")
 RULE = struct.Struct("<IBBHHHIII")  # flags proto action counter dport_lo dport_hi rate burst pad
-FILTER_CONFIG = struct.Struct("<BB6x")  # default_action stateful (hooks)
+FILTER_CONFIG = struct.Struct("<BBBB4x")  # default_input default_forward default_output stateful (chains)
+CHAIN_FLAGS = (("input", RULE_INPUT), ("forward", RULE_FORWARD), ("output", RULE_OUTPUT))
 INTERCEPT_RULE = struct.Struct("<BBHHHII")  # action proto port_lo port_hi proxy_port proxy_slot counter
 SVC_KEY_V4 = struct.Struct("<4sHBx")
 SVC_KEY_V6 = struct.Struct("<16sHBx")
@@ -66,7 +68,7 @@ IFNAME = struct.Struct("16s")
 IFINDEX_KEYED_MAPS = frozenset({"intercept_ifs"})
 # local_addrs: the target namespace's own addresses, mirrored by the reconciler (see local_address_key).
 ADDR_KEY = struct.Struct("<B3x16s")  # family address
-LOCAL_ADDRESS_MAPS = {"sock_connect.c": "local_addrs"}
+LOCAL_ADDRESS_MAPS = {"sock_connect.c": "local_addrs", "tc_filter.c": "local_addrs", "sk_lookup.c": "local_addrs"}
 
 _PROTO = {0: "any", 1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp"}
 
@@ -138,13 +140,14 @@ def _label(map_name: str, key: bytes, value: bytes) -> str:
     index = U32.unpack(key)[0] if len(key) == 4 else None
     if map_name == "rules":
         flags, proto, action, counter, low, high, rate, burst, _ = RULE.unpack(value)
-        direction = "+".join(d for d, f in (("ingress", RULE_INGRESS), ("egress", RULE_EGRESS)) if flags & f)
+        direction = "+".join(d for d, f in CHAIN_FLAGS if flags & f)
         verb = {ACT_ALLOW: "allow", ACT_DENY: "deny", ACT_RATE_LIMIT: f"rate-limit {rate}/s burst {burst}"}.get(action, "?")
         return f"[{index}] {direction} {_PROTO.get(proto, proto)} {_ports(low, high)} {verb} (counter {counter})"
     if map_name == "config":
-        default, stateful = FILTER_CONFIG.unpack(value)
-        hooks = "+".join(h for h, f in (("ingress", RULE_INGRESS), ("egress", RULE_EGRESS)) if stateful & f)
-        return f"default {'deny' if default == ACT_DENY else 'allow'}" + (f", stateful at {hooks}" if hooks else "")
+        *defaults, stateful = FILTER_CONFIG.unpack(value)
+        return ", ".join(f"{chain} {'deny' if default == ACT_DENY else 'allow'}"
+                         + (" stateful" if stateful & flag else "")
+                         for (chain, flag), default in zip(CHAIN_FLAGS, defaults, strict=True))
     if map_name == "intercept_ifs":
         name = IFNAME.unpack(key)[0].rstrip(b"\0").decode(errors="replace")
         return f"interface {name} -> rules {rule_bits(value)}"

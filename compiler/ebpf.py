@@ -248,8 +248,9 @@ def with_local_addresses(desired: DesiredState, addresses: Iterable[str]) -> Des
     completion are replaced."""
     intercepting = {e.program for e in desired.objects
                     if isinstance(e, BpfMapEntry) and e.map == "intercept_rules"}
+    # sock_connect needs them only to intercept; the filter and sk_lookup always.
     programs = [p for p in desired.objects if isinstance(p, BpfProgram) and p.source in L.LOCAL_ADDRESS_MAPS
-                and p.name in intercepting]
+                and (p.source != "sock_connect.c" or p.name in intercepting)]
     objects = tuple(o for o in desired.objects
                     if not (isinstance(o, BpfMapEntry) and o.map in L.LOCAL_ADDRESS_MAPS.values()))
     if not programs and len(objects) == len(desired.objects):
@@ -264,7 +265,7 @@ def with_local_addresses(desired: DesiredState, addresses: Iterable[str]) -> Des
 
 def needs_local_addresses(desired: DesiredState) -> bool:
     return desired.backend == BACKEND and any(
-        isinstance(o, BpfMapEntry) and o.map == "intercept_rules" and o.program == "sock" for o in desired.objects)
+        isinstance(o, BpfProgram) and o.source in L.LOCAL_ADDRESS_MAPS for o in desired.objects)
 
 
 # -------------------------------------------------------------------- filtering
@@ -297,27 +298,33 @@ def _filter_rules_by_interface(intent: NetworkIntent) -> dict[str, list[tuple[st
     return by_interface
 
 
-def _defaults(intent: NetworkIntent) -> dict[str, str]:
-    """Default action per hook (ingress, egress); one tc program has one default for both.
+# A chain's rule flags: the tc hook that sees its packets and the chain itself (the program tells the
+# chains apart by the packet's addresses, see bpf/tc_filter.c).
+_CHAIN_FLAGS = {"input": L.RULE_INGRESS | L.RULE_INPUT, "forward": L.RULE_INGRESS | L.RULE_FORWARD,
+                "output": L.RULE_EGRESS | L.RULE_OUTPUT}
+_CHAIN_HOOK = {"input": "ingress", "forward": "ingress", "output": "egress"}
 
-    ebpf_refusals: every chain has the same default, and none is a stateful deny."""
-    result: dict[str, str] = {}
-    for direction, hook in (("input", "ingress"), ("forward", "ingress"), ("output", "egress")):
+
+def _filter_config(intent: NetworkIntent) -> tuple[bytes | None, set[str]]:
+    """The config entry (each chain's default and statefulness; None when all are the program's own
+    defaults: allow, stateless) and the hooks a default deny needs attached. ebpf_refusals: no chain
+    is a stateful deny. In a stateful chain, packets of established TCP connections (ACK set) pass
+    before the rules, as `ct state established` does."""
+    defaults = {"input": L.ACT_ALLOW, "forward": L.ACT_ALLOW, "output": L.ACT_ALLOW}
+    stateful = 0
+    hooks: set[str] = set()
+    for direction in ("input", "forward", "output"):
         chain: FilterChain | None = getattr(intent.spec.filtering, direction)
-        if chain is not None:
-            result[hook] = chain.default
-    return result
-
-
-def _stateful_hooks(intent: NetworkIntent) -> int:
-    """KF_RULE_INGRESS / KF_RULE_EGRESS for the hooks whose chains are stateful: there, packets of
-    established TCP connections (ACK set) pass before the rules, as `ct state established` does."""
-    hooks = 0
-    for direction, flag in (("input", L.RULE_INGRESS), ("forward", L.RULE_INGRESS), ("output", L.RULE_EGRESS)):
-        chain: FilterChain | None = getattr(intent.spec.filtering, direction)
-        if chain is not None and chain.stateful:
-            hooks |= flag
-    return hooks
+        if chain is None:
+            continue
+        if chain.default == "deny":
+            defaults[direction] = L.ACT_DENY
+            hooks.add(_CHAIN_HOOK[direction])
+        if chain.stateful:
+            stateful |= _CHAIN_FLAGS[direction] & ~(L.RULE_INGRESS | L.RULE_EGRESS)
+    if not hooks and not stateful:
+        return None, hooks
+    return L.FILTER_CONFIG.pack(defaults["input"], defaults["forward"], defaults["output"], stateful), hooks
 
 
 def _rate(rule: FilterRule, where: str) -> tuple[int, int]:
@@ -332,15 +339,14 @@ def _filtering(intent: NetworkIntent) -> list[tuple[BpfProgram, list[BpfMapEntry
     by_interface = _filter_rules_by_interface(intent)
     if not by_interface:
         return []
-    defaults = _defaults(intent)
-    default_deny = "deny" in defaults.values()
+    config, default_hooks = _filter_config(intent)
     result = []
     for interface, rules in sorted(by_interface.items()):
         program = _Program(f"tc-{interface}", "tc_filter.c", f"filtering@{interface}")
         descriptors: list[tuple[_Descriptor, list[Network], list[Network], str]] = []
         for counter, (direction, rule) in enumerate(rules):
             where = f"filtering.{direction}/{rule.name}"
-            flags = L.RULE_EGRESS if direction == "output" else L.RULE_INGRESS
+            flags = _CHAIN_FLAGS[direction]
             action = {"allow": L.ACT_ALLOW, "deny": L.ACT_DENY, "rate-limit": L.ACT_RATE_LIMIT}[rule.action]
             rate, burst = _rate(rule, where) if rule.action == "rate-limit" else (0, 0)
             sources = _networks(rule.sources, (where, "sources")) or [_any(4), _any(6)]
@@ -361,14 +367,9 @@ def _filtering(intent: NetworkIntent) -> list[tuple[BpfProgram, list[BpfMapEntry
             program.entry("rules", L.U32.pack(index), value, where)
         program.lpm("src", src_bits, words, "filtering")
         program.lpm("dst", dst_bits, words, "filtering")
-        stateful = _stateful_hooks(intent)
-        if default_deny or stateful:
-            program.entry("config", L.U32.pack(0),
-                          L.FILTER_CONFIG.pack(L.ACT_DENY if default_deny else L.ACT_ALLOW, stateful),
-                          "filtering default")
-        hooks = {"egress" if d.flags & L.RULE_EGRESS else "ingress" for d, *_ in descriptors}
-        if default_deny:
-            hooks |= {hook for hook in defaults}
+        if config is not None:
+            program.entry("config", L.U32.pack(0), config, "filtering defaults")
+        hooks = {"egress" if d.flags & L.RULE_EGRESS else "ingress" for d, *_ in descriptors} | default_hooks
         attachments = [(f"kf_tc_{hook}", f"tc:{interface}:{hook}") for hook in sorted(hooks)]
         cflags = [f"-DKF_MAX_RULES={max_rules}"]
         result.append((_program(program, attachments, cflags), program.entries))

@@ -28,7 +28,6 @@ MAX_RULE_DESCRIPTORS = 256
 MAX_ID_RANGE = 256
 """Ids of one excluded uid/gid range: the exclusion maps list ids one by one."""
 
-_HOOK = {"input": "ingress", "forward": "ingress", "output": "egress"}
 # Descriptors a filter rule takes per port range: icmp is ICMP and ICMPv6.
 _FILTER_PROTOCOLS = {"any": 1, "tcp": 1, "udp": 1, "icmp": 2}
 
@@ -46,14 +45,6 @@ def refusals(intent: NetworkIntent) -> list[Finding]:
 def _chains(intent: NetworkIntent) -> list[tuple[str, FilterChain]]:
     chains = ((d, getattr(intent.spec.filtering, d)) for d in ("input", "forward", "output"))
     return [(direction, chain) for direction, chain in chains if chain is not None]
-
-
-def _setting(chains: Sequence[tuple[str, FilterChain]], field: str) -> Path:
-    """The path of the first of `chains` whose `field` is written in the file, else of the first chain's."""
-    for direction, chain in chains:
-        if field in chain.model_fields_set:
-            return ("spec", "filtering", direction, field)
-    return ("spec", "filtering", chains[0][0], field)
 
 
 def _filtering(intent: NetworkIntent) -> Iterator[Finding]:
@@ -90,7 +81,9 @@ def _filtering(intent: NetworkIntent) -> Iterator[Finding]:
 
 
 def _chain_settings(chains: Sequence[tuple[str, FilterChain]], interfaces: Sequence[str] = ()) -> Iterator[Finding]:
-    """A stateful default deny, and the settings that one tc program per interface holds once."""
+    """A default deny without interfaces to apply it on, and a stateful default deny. (Each chain has its
+    own default and statefulness: tc_filter tells input, forward and output apart by the packet's
+    addresses.)"""
     for direction, chain in chains:
         if chain.default == "deny" and not interfaces:
             yield (
@@ -107,35 +100,6 @@ def _chain_settings(chains: Sequence[tuple[str, FilterChain]], interfaces: Seque
                 "filter is stateless (it recognises established TCP connections by the ACK flag, nothing else): "
                 "replies of UDP and ICMP exchanges would be dropped; say `stateful: false` to accept that (every "
                 "packet is then filtered), or use the tproxy backend",
-            )
-    ingress = [(d, c) for d, c in chains if _HOOK[d] == "ingress"]
-    egress = [(d, c) for d, c in chains if _HOOK[d] == "egress"]
-    if len(ingress) == 2:
-        (first, a), (second, b) = ingress
-        if a.default != b.default:
-            yield (
-                _setting(ingress[::-1], "default"),
-                f"filtering.{first} has default {a.default} but filtering.{second} has default {b.default}: the "
-                "ebpf backend filters both at tc ingress with one default action; make them equal, or use the "
-                "tproxy backend",
-            )
-        if a.stateful != b.stateful:
-            yield (
-                _setting(ingress[::-1], "stateful"),
-                f"filtering.{first} has stateful: {str(a.stateful).lower()} but filtering.{second} has stateful: "
-                f"{str(b.stateful).lower()}: the ebpf backend filters both at tc ingress with one setting; make "
-                "them equal, or use the tproxy backend",
-            )
-    if ingress and egress:
-        defaults = {c.default for _, c in ingress}
-        out_direction, out_chain = egress[0]
-        if len(defaults) == 1 and out_chain.default not in defaults:
-            yield (
-                _setting([*egress, *ingress], "default"),
-                f"filtering.output has default {out_chain.default} but filtering.{ingress[0][0]} has default "
-                f"{ingress[0][1].default}: the ebpf backend's filter program has one default action per "
-                "interface, for tc ingress (input, forward) and egress (output) alike; make them equal, or use "
-                "the tproxy backend",
             )
 
 

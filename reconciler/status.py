@@ -335,8 +335,7 @@ def describe_filter_rule(descriptors: Sequence[tuple[int, ...]]) -> str:
     flags = 0
     for d in descriptors:
         flags |= d[0]
-    hooks = "+".join(h for h, f in (("ingress", bpf_layout.RULE_INGRESS), ("egress", bpf_layout.RULE_EGRESS))
-                     if flags & f)
+    hooks = "+".join(chain for chain, flag in bpf_layout.CHAIN_FLAGS if flags & flag)
     _, _, action, _, _, _, rate, burst, _ = descriptors[0]
     verb = {bpf_layout.ACT_ALLOW: "allow", bpf_layout.ACT_DENY: "deny",
             bpf_layout.ACT_RATE_LIMIT: f"rate-limit {rate}/s burst {burst}"}.get(action, f"action {action}")
@@ -446,18 +445,32 @@ def _filter_rows(rows: Rows, program: BpfProgram, entries: Mapping[tuple[str, st
         row.add({k: fields.get(k, 0) for k in ("packets", "bytes", "dropped")})
         if origin is None:
             row.add({"rule": describe_filter_rule(descriptors)})
-    # counters[KF_MAX_RULES]: packets that matched no rule, decided by the program's one default action.
+    # counters[KF_MAX_RULES + 0, 1, 2]: packets of input, forward and output that matched no rule, decided
+    # by that chain's default; named like tproxy's (the rows of every interface add up).
     max_rules = _setting(program.cflags, "KF_MAX_RULES")
-    default = bpf_layout.ACT_ALLOW
+    defaults = [bpf_layout.ACT_ALLOW] * 3
     for entry in entries.get((program.name, "config"), []):
-        default = bpf_layout.FILTER_CONFIG.unpack(bytes.fromhex(entry.value_hex))[0] or bpf_layout.ACT_ALLOW
-    row = rows("filtering", f"{where} (default)")
-    row.add({"policy": "deny" if default == bpf_layout.ACT_DENY else "allow"})
-    if max_rules is None:
-        row.add({"notAvailable": "packets (the program's KF_MAX_RULES setting is unknown)"})
-    else:
-        fields = _fields(stats.get(max_rules), "counters")
-        row.add({k: fields.get(k, 0) for k in ("packets", "bytes", "dropped")})
+        defaults = [d or bpf_layout.ACT_ALLOW for d in bpf_layout.FILTER_CONFIG.unpack(
+            bytes.fromhex(entry.value_hex))[:3]]
+    functions = {fn for fn, _ in program.attachments}
+    chains = [c for c, fn in (("input", "kf_tc_ingress"), ("forward", "kf_tc_ingress"), ("output", "kf_tc_egress"))
+              if fn in functions]
+    ruled = 0
+    for descriptors in by_counter.values():
+        for d in descriptors:
+            ruled |= d[0]
+    for chain in chains:
+        index = ("input", "forward", "output").index(chain)
+        fields = _fields(stats.get(max_rules + index), "counters") if max_rules is not None else {}
+        flag = dict(bpf_layout.CHAIN_FLAGS)[chain]
+        if not (ruled & flag or defaults[index] == bpf_layout.ACT_DENY or fields.get("packets")):
+            continue  # a chain this program has nothing of (the hook serves input and forward alike)
+        row = rows("filtering", f"filtering.{chain} (default)")
+        row.add({"policy": "deny" if defaults[index] == bpf_layout.ACT_DENY else "allow"})
+        if max_rules is None:
+            row.add({"notAvailable": "packets (the program's KF_MAX_RULES setting is unknown)"})
+        else:
+            row.add({k: fields.get(k, 0) for k in ("packets", "bytes", "dropped")})
 
 
 # ---------------------------------------------------------------- text

@@ -55,6 +55,12 @@ struct kf_rule_set {
 #define KF_RULE_EGRESS (1U << 1)  /* match in the egress program */
 #define KF_RULE_RL_BYTES (1U << 2) /* rate/burst count bytes, not packets */
 #define KF_RULE_RL_SHARED (1U << 3) /* one bucket per rule, not per source */
+/* The chain a rule belongs to, which a packet's addresses decide (lib/kf_local.h):
+ * at ingress, a local destination is input and any other forward; at egress, a
+ * local source is output, and a forwarded packet leaving meets no rule. */
+#define KF_RULE_INPUT (1U << 4)
+#define KF_RULE_FORWARD (1U << 5)
+#define KF_RULE_OUTPUT (1U << 6)
 
 /*
  * Array `rules`, index = rule descriptor (= bit in kf_rule_set), ordered:
@@ -75,8 +81,9 @@ struct kf_rule {
 	__u32 pad;
 };
 
-/* Per-CPU array `counters`: index = kf_rule.counter; index KF_MAX_RULES
- * counts packets that matched no rule (default action). */
+/* Per-CPU array `counters`: index = kf_rule.counter; KF_MAX_RULES + 0, 1, 2
+ * count packets of input, forward and output that matched no rule (each
+ * chain's default action). */
 struct kf_counter {
 	__u64 packets; /* matched */
 	__u64 bytes;   /* matched, skb->len */
@@ -97,18 +104,20 @@ struct kf_rl_bucket {
 };
 
 /*
- * Array `config` (one entry, key 0). stateful: the hooks (KF_RULE_INGRESS,
- * KF_RULE_EGRESS) whose chains accept packets of established connections
- * before the rules. Without connection tracking, that is TCP with the ACK
- * flag: every packet of a TCP connection but its first SYN (what a
- * stateless ACL calls "established"); other protocols have no such mark,
- * so the compiler refuses deny and rate-limit rules for them in stateful
- * chains.
+ * Array `config` (one entry, key 0): per chain, its default action and
+ * whether it is stateful. A stateful chain accepts packets of established
+ * connections before the rules. Without connection tracking, that is TCP
+ * with the ACK flag: every packet of a TCP connection but its first SYN
+ * (what a stateless ACL calls "established"); other protocols have no such
+ * mark, so the compiler refuses deny and rate-limit rules for them in
+ * stateful chains.
  */
 struct kf_filter_config {
-	__u8 default_action; /* KF_ACT_ALLOW (also when 0) or KF_ACT_DENY */
-	__u8 stateful;       /* KF_RULE_INGRESS | KF_RULE_EGRESS */
-	__u8 pad[6];
+	__u8 default_input;   /* KF_ACT_ALLOW (also when 0) or KF_ACT_DENY */
+	__u8 default_forward;
+	__u8 default_output;
+	__u8 stateful;        /* KF_RULE_INPUT | KF_RULE_FORWARD | KF_RULE_OUTPUT */
+	__u8 pad[4];
 };
 
 /* ---- interception (sk_lookup inbound, connect outbound) --------------- */

@@ -5,12 +5,12 @@ Ownership (how a fresh process knows what is ours, with no memory of earlier run
     at /sys/fs/bpf if it is missing), one directory per target namespace
     below it: bpffs is host-wide, and the same intent applied in two network
     namespaces must not share (or sweep) each other's pins;
-  - tc filters on a clsact qdisc at kernform's own priority and handle
-    (TC_PREF / TC_HANDLE, 0x4b46 = "KF", for tc_filter; TC_PREF_LB 0x4b45 and
-    a handle derived from the intent's name for tc_lb, see tc_slot) whose bpf
-    name starts with `kf_<intent>/`; filters at other priorities or handles
-    are foreign and a filter of someone else at ours is a conflict we refuse
-    to overwrite;
+  - tc filters on a clsact qdisc at kernform's own priorities (TC_PREF
+    0x4b46 = "KF" for tc_filter, TC_PREF_LB 0x4b45 for tc_lb) whose bpf name
+    starts with `kf_<intent>/`: each intent has its own handle there, the
+    lowest free one above TC_HANDLE_BASE when it first attaches, found again
+    by that name (see _tc_slot); filters at other priorities, or without our
+    name, are foreign and never touched;
   - cgroup and network-namespace attachments made through bpf_links pinned in
     our directory (the link pin IS the attachment; programs attached by others
     to the same cgroup are never touched, links are multi-attach);
@@ -45,8 +45,8 @@ desired entry; programs that stay loaded only get map updates, so their
 program ids and attachments never change for a configuration change.
 
 Attachment mechanics:
-  - "tc:<ifname>:ingress|egress": a cls_bpf filter, direct-action, at
-    TC_PREF/TC_HANDLE on clsact of <ifname> in the driver's namespace; a new
+  - "tc:<ifname>:ingress|egress": a cls_bpf filter, direct-action, at the
+    intent's handle on clsact of <ifname> in the driver's namespace; a new
     program replaces the old one in place (RTM_NEWTFILTER without NLM_F_EXCL on
     the same handle: atomic, no packet unfiltered). Live = the filter is there
     and runs the pinned program's id.
@@ -95,7 +95,6 @@ import struct
 import tempfile
 import threading
 import urllib.parse
-import zlib
 from array import array
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -120,20 +119,22 @@ PIN_ROOT = Path(BPF_PIN_ROOT)
 BTF_VMLINUX = Path("/sys/kernel/btf/vmlinux")
 
 TC_PREF = 0x4B46
-TC_HANDLE = 0x4B46
 # tc_lb runs before tc_filter on the same hook (as nft's prerouting DNAT runs before the forward
-# filter): its filter sits one priority earlier and passes packets on with TC_ACT_UNSPEC.
-# Every intent's tc_lb runs (they pass packets on), so each has its own handle there, derived from
-# its name; tc_filter ends classification, so one intent owns an interface's filter slot.
+# filter): its filter sits one priority earlier. Both pass what they allow on with TC_ACT_UNSPEC, so
+# the filters of every intent on an interface run, in turn: a packet passes when each intent's filter
+# lets it (as with nft base chains of several tables at one hook), and foreign filters after ours run.
 TC_PREF_LB = 0x4B45
 _LB_FUNCTIONS = frozenset({"kf_lb_ingress", "kf_lb_egress"})
 
 
-def tc_slot(function: str, intent: str) -> tuple[int, int]:
-    """(pref, handle) of a function's cls_bpf filter."""
-    if function in _LB_FUNCTIONS:
-        return TC_PREF_LB, 0x4B450000 | zlib.crc32(intent.encode()) & 0xFFFF
-    return TC_PREF, TC_HANDLE
+def tc_pref(function: str) -> int:
+    """The tc priority of a function's cls_bpf filter; every intent's filter of that kind shares it."""
+    return TC_PREF_LB if function in _LB_FUNCTIONS else TC_PREF
+
+
+# Handles at kernform's priorities are allocated per intent: the lowest free one above this base. The
+# kernel keeps the allocation (the filter's name says whose it is), so a fresh process finds it.
+TC_HANDLE_BASE = 0x4B460000
 PROGRAM_PREFIX = "kf_"
 
 # enum bpf_prog_type / bpf_attach_type values (uapi/linux/bpf.h); bcc lacks several.
@@ -640,7 +641,8 @@ class BpfDriver:
                 if self._link_state(pdir.link_pin(function, text), point, prog_id) == "live":
                     live.append((function, text))
             else:
-                current = self._tc_filter(point, tc_slot(function, intent))
+                slot = self._tc_slot(function, intent, point, create=False)
+                current = self._tc_filter(point, slot) if slot is not None else None
                 if current is not None and current.prog_id == prog_id:
                     live.append((function, text))
         return live
@@ -1183,7 +1185,8 @@ class BpfDriver:
             raise KernelError(f"{point.text}: there is no interface {point.ifname} in {self._where}")
         parent = _TC_PARENT[point.direction]
         prog_fd, prog_id = item.fds[fn], item.ids[fn]
-        slot = tc_slot(fn, intent)
+        slot = self._tc_slot(fn, intent, point, create=True)
+        assert slot is not None
         current = self._tc_filter(point, slot)
         name = self._tc_filter_name(intent, item.program, fn)
         where = f"tc filter {point.direction} pref {slot[0]:#x} handle {slot[1]:#x} on {point.ifname} in {self._where}"
@@ -1422,7 +1425,10 @@ class BpfDriver:
                 if fd is None:
                     continue
                 prog_id = libbpf.prog_info(fd).id
-            slot = tc_slot(fn, intent)
+            found = self._tc_slot(fn, intent, point, create=False)
+            if found is None:
+                continue  # not attached
+            slot = found
             current = self._tc_filter(point, slot)
             if current is None or current.prog_id != prog_id:
                 continue  # not attached, or already running the new program
@@ -1540,6 +1546,29 @@ class BpfDriver:
                 return None
             raise KernelError(f"cannot look up interface {ifindex} in {self._where}: {exc.strerror}") from exc
         return reply[:16].rstrip(b"\0").decode()
+
+    def _tc_slot(self, function: str, intent: str, point: Point, *, create: bool) -> tuple[int, int] | None:
+        """(pref, handle) of the intent's filter for `function` at `point`, found by its name; with `create`,
+        when it has none, the lowest handle free at that priority (intents never share a filter)."""
+        pref = tc_pref(function)
+        ifindex = self._ifindex(point.ifname)
+        filters: dict[int, str] = {}
+        if ifindex is not None:
+            try:
+                filters = self._tc.list_filters(ifindex, _TC_PARENT[point.direction], pref)
+            except OSError as exc:
+                raise KernelError(f"cannot read tc filters of {point.ifname} in {self._where}: "
+                                  f"{exc.strerror}") from exc
+        owner = f"{PROGRAM_PREFIX}{intent}/"
+        for handle, name in sorted(filters.items()):
+            if name.startswith(owner):
+                return pref, handle
+        if not create:
+            return None
+        handle = TC_HANDLE_BASE + 1
+        while handle in filters:
+            handle += 1
+        return pref, handle
 
     def _tc_filter(self, point: Point, slot: tuple[int, int]) -> _TcFilter | None:
         ifindex = self._ifindex(point.ifname)
@@ -1865,6 +1894,26 @@ class _RtnlSocket(_Netlink):
                 + _nla(TCA_OPTIONS | NLA_F_NESTED, options))
         flags = NLM_F_ACK | NLM_F_CREATE | (NLM_F_REPLACE if replace else NLM_F_EXCL)
         self.transact(RTM_NEWTFILTER, flags, body)
+
+    def list_filters(self, ifindex: int, parent: int, pref: int) -> dict[int, str]:
+        """{handle: bpf name} of the filters at `pref` on a hook ({} without clsact)."""
+        try:
+            replies = self.transact(RTM_GETTFILTER, NLM_F_DUMP, self._tcmsg(ifindex, 0, parent, pref << 16))
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
+                return {}
+            raise
+        result: dict[int, str] = {}
+        for kind, payload in replies:
+            if kind != RTM_NEWTFILTER:
+                continue
+            _, _, handle, _, info = _TCMSG.unpack_from(payload)
+            if handle == 0 or info >> 16 != pref:
+                continue  # the classifier itself, not one of its filters
+            attrs = _attrs(payload, _TCMSG.size)
+            options = _attrs(attrs.get(TCA_OPTIONS, b""))
+            result[handle] = options.get(TCA_BPF_NAME, b"").rstrip(b"\0").decode(errors="replace")
+        return result
 
     def delete_filter(self, ifindex: int, parent: int, slot: tuple[int, int]) -> None:
         pref, handle = slot

@@ -14,11 +14,11 @@ import pytest
 pytestmark = pytest.mark.bpf
 
 ACT_ALLOW, ACT_DENY, ACT_RATE_LIMIT = 1, 2, 3
-RULE_INGRESS, RULE_EGRESS = 1, 2
+RULE_INGRESS, RULE_EGRESS, RULE_INPUT, RULE_FORWARD = 1, 2, 16, 32
 TCP, UDP = 6, 17
 SERVER = "10.77.0.10"
 ALLOWED, DENIED = "10.77.0.1", "10.77.0.2"
-DEFAULT_COUNTER = 64  # counters[KF_MAX_RULES] counts the default action
+DEFAULT_COUNTER = 64  # counters[KF_MAX_RULES + 0] counts the input chain's default action
 
 
 @pytest.fixture
@@ -54,11 +54,21 @@ def attach_ingress(kf: Any, server: str, fn: Any) -> None:
 
 def set_rule(table: Any, idx: int, **fields: int) -> None:
     leaf = table.Leaf()
-    leaf.flags = RULE_INGRESS
+    leaf.flags = RULE_INGRESS | RULE_INPUT
     leaf.dport_lo, leaf.dport_hi = 0, 65535
     for name, value in fields.items():
         setattr(leaf, name, value)
     table[table.Key(idx)] = leaf
+
+
+def server_is_local(bpf: Any) -> None:
+    """local_addrs as the reconciler fills it: SERVER is the server namespace's own, so its traffic is input."""
+    table = bpf[b"local_addrs"]
+    key = table.Key()
+    key.family = 4
+    for i, byte in enumerate(socket.inet_aton(SERVER)):
+        key.addr[i] = byte
+    table[key] = table.Leaf(1)
 
 
 def counter(bpf: Any, idx: int) -> dict[str, int]:
@@ -95,8 +105,9 @@ def test_denied_source_is_dropped_and_counted(kf: Any, pair: tuple[str, str]) ->
     set_rule(bpf[b"rules"], 1, action=ACT_ALLOW, counter=1, proto=TCP, dport_lo=8080, dport_hi=8080)
     cfg = bpf[b"config"]
     leaf = cfg.Leaf()
-    leaf.default_action = ACT_DENY
+    leaf.default_input = ACT_DENY
     cfg[cfg.Key(0)] = leaf
+    server_is_local(bpf)
     attach_ingress(kf, server, fn)
 
     with kf.in_netns(server):
@@ -134,6 +145,7 @@ def test_rate_limit_drops_above_burst(kf: Any, pair: tuple[str, str]) -> None:
         rate=1,
         burst=5,
     )
+    server_is_local(bpf)
     attach_ingress(kf, server, fn)
 
     with kf.in_netns(server):

@@ -36,7 +36,7 @@ from compiler.ebpf import source_digest
 from compiler.errors import KernelError, TemporaryError
 from compiler.objects import BPF_PIN_ROOT, BpfMapEntry, BpfProgram, KernelObject, index_by_key
 from reconciler.drivers import libbpf
-from reconciler.drivers.bpf import TC_HANDLE, TC_PREF, BpfDriver, cgroup2_root, intent_pin_dir
+from reconciler.drivers.bpf import TC_HANDLE_BASE, TC_PREF, BpfDriver, cgroup2_root, intent_pin_dir
 from reconciler.netns import entered
 from reconciler.plan import Action, diff
 
@@ -125,11 +125,17 @@ def tc_filters(ns: str, dev: str, direction: str) -> list[dict[str, Any]]:
     return [r for r in rows if "options" in r]
 
 
-def our_filter_prog_id(ns: str, dev: str, direction: str) -> int | None:
+def our_filter(ns: str, dev: str, direction: str) -> dict[str, Any] | None:
+    """kernform's filter at its priority, known by its name (kf_<intent>/...)."""
     for row in tc_filters(ns, dev, direction):
-        if row["pref"] == TC_PREF and row["options"].get("handle") == hex(TC_HANDLE):
-            return int(row["options"]["prog"]["id"])
+        if row["pref"] == TC_PREF and row["options"].get("bpf_name", "").startswith("kf_"):
+            return row
     return None
+
+
+def our_filter_prog_id(ns: str, dev: str, direction: str) -> int | None:
+    row = our_filter(ns, dev, direction)
+    return int(row["options"]["prog"]["id"]) if row is not None else None
 
 
 def all_link_ids() -> set[int]:
@@ -193,8 +199,11 @@ def tc_desired(max_rules: int = 64, points: Sequence[tuple[str, str]] = TC_POINT
     words = max_rules // 64
     return [
         program(TC_PROG, "tc_filter.c", points, [f"-DKF_MAX_RULES={max_rules}"]),
-        entry(TC_PROG, "rules", L.U32.pack(0), L.RULE.pack(L.RULE_INGRESS, TCP, L.ACT_DENY, 0, 80, 80, 0, 0, 0)),
-        entry(TC_PROG, "config", L.U32.pack(0), L.FILTER_CONFIG.pack(L.ACT_ALLOW, 0)),
+        entry(TC_PROG, "rules", L.U32.pack(0),
+              L.RULE.pack(L.RULE_INGRESS | L.RULE_INPUT, TCP, L.ACT_DENY, 0, 80, 80, 0, 0, 0)),
+        entry(TC_PROG, "config", L.U32.pack(0), L.FILTER_CONFIG.pack(L.ACT_ALLOW, L.ACT_ALLOW, L.ACT_ALLOW, 0)),
+        # SERVER is the server namespace's own address: its traffic is input
+        entry(TC_PROG, "local_addrs", L.local_address_key(SERVER), L.EXCLUDE.pack(1)),
         lpm(TC_PROG, "src_v4", f"{DENIED}/32", 1, words),
         lpm(TC_PROG, "dst_v4", "0.0.0.0/0", 1, words),
     ]
@@ -261,9 +270,9 @@ def tc_lab() -> Iterator[TcLab]:
 
 def test_first_apply_compiles_once_and_round_trips(tc_lab: TcLab) -> None:
     operations, seconds, compilations = tc_lab.first_apply
-    print(f"\nTIMING tc_filter.c first apply (compile + load 2 functions + 4 entries + 2 filters): {seconds:.2f} s")
+    print(f"\nTIMING tc_filter.c first apply (compile + load 2 functions + 5 entries + 2 filters): {seconds:.2f} s")
     assert compilations == 1
-    assert operations == 2 + 4 + 2  # functions loaded, entries written, filters attached
+    assert operations == 2 + 5 + 2  # functions loaded, entries written, filters attached
     assert_round_trip(tc_lab.driver, tc_lab.intent, tc_lab.desired)
     assert our_filter_prog_id(tc_lab.server, "kfds0", "ingress") is not None
     assert our_filter_prog_id(tc_lab.server, "kfds0", "egress") is not None
@@ -336,8 +345,10 @@ def test_traffic_deny_rule_drops_and_is_counted(tc_lab: TcLab) -> None:
 
 def test_a_filter_deleted_by_hand_is_drift_that_apply_repairs_without_compiling(tc_lab: TcLab) -> None:
     prog_id = our_filter_prog_id(tc_lab.server, "kfds0", "ingress")
+    ours = our_filter(tc_lab.server, "kfds0", "ingress")
+    assert ours is not None and int(ours["options"]["handle"], 16) > TC_HANDLE_BASE
     sh("tc", "-n", tc_lab.server, "filter", "del", "dev", "kfds0", "ingress", "pref", str(TC_PREF),
-       "handle", hex(TC_HANDLE), "bpf")
+       "handle", ours["options"]["handle"], "bpf")
     assert our_filter_prog_id(tc_lab.server, "kfds0", "ingress") is None
     restarted = BpfDriver(tc_lab.server)
     try:
@@ -356,32 +367,32 @@ def test_a_filter_deleted_by_hand_is_drift_that_apply_repairs_without_compiling(
     assert not tcp_connects(tc_lab.client, DENIED, SERVER, 80, timeout=0.5)
 
 
-def test_a_foreign_filter_in_our_place_is_refused_and_everything_is_undone(tc_lab: TcLab) -> None:
-    """New attachments meet someone else's filter at our priority and handle (on kfds2): the apply fails
-    and undoes what it had done: the program swap on kfds0 (tc replace, reverted), the filter and the
-    clsact it had added on kfds1, the new pins."""
+def test_a_foreign_filter_at_our_priority_is_left_alone_and_keeps_running(tc_lab: TcLab) -> None:
+    """Someone else's filter at our priority (on kfds2, at the first handle kernform would allocate):
+    the intent's filter gets a handle of its own beside it, and removing ours leaves the foreign one."""
     server = tc_lab.server
     sh("tc", "-n", server, "qdisc", "add", "dev", "kfds2", "clsact")
     try:
         some_program = next(pin_dir(tc_lab.intent).glob("*/*/prog:kf_tc_ingress*"))
         # nsenter, not `tc -n`: that remounts /sys in a private mount namespace, hiding /sys/fs/bpf.
         sh("nsenter", f"--net=/run/netns/{server}", "tc", "filter", "add", "dev", "kfds2", "ingress", "pref",
-           str(TC_PREF), "handle", hex(TC_HANDLE), "bpf", "object-pinned", str(some_program), "direct-action")
-        foreign_id = our_filter_prog_id(server, "kfds2", "ingress")
-        before = {d: our_filter_prog_id(server, "kfds0", d) for d in ("ingress", "egress")}
-        pins = pinned_prog_ids(tc_lab.intent)
+           str(TC_PREF), "handle", hex(TC_HANDLE_BASE + 1), "bpf", "object-pinned", str(some_program),
+           "direct-action")
+        foreign = [r for r in tc_filters(server, "kfds2", "ingress")]
+        assert len(foreign) == 1
 
-        points = [*TC_POINTS, ("kf_tc_ingress", "tc:kfds1:ingress"), ("kf_tc_ingress", "tc:kfds2:ingress")]
-        with pytest.raises(KernelError, match="on kfds2 .* is taken by someone else(.|\\n)*undone"):
-            converge(tc_lab.driver, tc_lab.intent, tc_desired(points=points))
-        assert {d: our_filter_prog_id(server, "kfds0", d) for d in ("ingress", "egress")} == before
-        assert our_filter_prog_id(server, "kfds2", "ingress") == foreign_id
-        assert "clsact" not in sh("tc", "-n", server, "qdisc", "show", "dev", "kfds1")
-        assert pinned_prog_ids(tc_lab.intent) == pins
-        assert not (intent_pin_dir(tc_lab.intent, server) / "clsact:kfds1").exists()
-        assert_round_trip(tc_lab.driver, tc_lab.intent, tc_lab.desired)
+        points = [*TC_POINTS, ("kf_tc_ingress", "tc:kfds2:ingress")]
+        converge(tc_lab.driver, tc_lab.intent, tc_desired(points=points))
+        rows = {r["options"]["handle"]: r for r in tc_filters(server, "kfds2", "ingress")}
+        assert rows[hex(TC_HANDLE_BASE + 1)]["options"]["prog"]["id"] == foreign[0]["options"]["prog"]["id"]
+        ours = our_filter(server, "kfds2", "ingress")
+        assert ours is not None and ours["options"]["handle"] == hex(TC_HANDLE_BASE + 2)
+
+        converge(tc_lab.driver, tc_lab.intent, tc_desired())
+        assert [r["options"]["handle"] for r in tc_filters(server, "kfds2", "ingress")] == [hex(TC_HANDLE_BASE + 1)]
     finally:
-        sh("tc", "-n", server, "qdisc", "del", "dev", "kfds2", "clsact", check=False)
+        sh("tc", "-n", server, "qdisc", "del", "dev", "kfds2", "clsact")
+    converge(tc_lab.driver, tc_lab.intent, tc_lab.desired)
 
 
 def test_changed_settings_reload_and_swap_the_filters_in_place(tc_lab: TcLab) -> None:

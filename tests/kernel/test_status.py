@@ -190,7 +190,7 @@ def test_status_without_file_names_counters_from_the_kernel(applied: str) -> Non
         # BPF maps hold indexes, not names: rows are named by program and index and say what they match.
         deny = next(v for v in counters.values() if "tcp port 9 deny" in v.get("rule", ""))
         assert deny["packets"] > 0 and deny["dropped"] == deny["packets"], counters
-        assert counters[f"filtering@{GW_IF} (default)"]["packets"] > 0, counters
+        assert counters["filtering.input (default)"]["packets"] > 0, counters
         intercept = next(v for k, v in counters.items() if k.startswith("interception (inbound)/#"))
         assert intercept["redirected"] > 0 and "port 80" in intercept["rule"], counters
         assert counters[f"loadBalancing/{VIP}:80/tcp"]["newFlows"] >= 3, counters

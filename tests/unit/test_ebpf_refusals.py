@@ -47,21 +47,8 @@ def problems(body: str) -> list[str]:
             f"  filtering:\n    input:\n      default: deny\n      stateful: true\n      rules: [{RULE}]\n  ebpf:\n    interfaces: [e]\n",
             "9:7", "say `stateful: false`", id="default-deny-stateful-written"),
         pytest.param(
-            f"  filtering:\n    input:\n      default: deny\n      stateful: false\n      rules: [{RULE}]\n"
-            f"    forward:\n      stateful: false\n      rules: [{RULE}]\n  ebpf:\n    interfaces: [e]\n",
-            "8:7", "filtering.input has default deny but filtering.forward has default allow",
-            id="input-and-forward-defaults-differ"),
-        pytest.param(
             "  filtering:\n    input:\n      default: deny\n      stateful: false\n      rules: [{name: a, action: allow, protocol: tcp, interfaces: [e]}]\n",
             "8:7", "a default deny needs them listed in spec.ebpf.interfaces", id="default-deny-without-ebpf-interfaces"),
-        pytest.param(
-            f"  filtering:\n    input:\n      rules: [{RULE}]\n    forward:\n      stateful: false\n"
-            f"      rules: [{RULE}]\n",
-            "10:7", "filters both at tc ingress with one setting", id="input-and-forward-stateful-differ"),
-        pytest.param(
-            f"  filtering:\n    input:\n      default: deny\n      stateful: false\n      rules: [{RULE}]\n"
-            "    output:\n      default: allow\n  ebpf:\n    interfaces: [e]\n",
-            "12:7", "one default action per interface", id="ingress-and-egress-defaults-differ"),
         pytest.param(
             "  filtering:\n    input:\n      rules:\n        - name: a\n          action: rate-limit\n"
             "          protocol: tcp\n          interfaces: [e]\n          rateLimit: {rate: 7, per: minute}\n",
@@ -137,6 +124,15 @@ def test_each_refusal_points_at_its_field(body: str, where: str, fragment: str) 
     assert found[0].startswith(f"t.yaml:{where}: "), found
     assert fragment in found[0]
     assert "ebpf backend" in found[0]
+
+
+def test_chains_with_different_defaults_and_statefulness_compile() -> None:
+    """tc_filter tells input, forward and output apart by the packet's addresses: each chain keeps its own."""
+    body = ("  ebpf:\n    interfaces: [e]\n  filtering:\n    input:\n      default: deny\n      stateful: false\n"
+            "      rules: [{name: a, action: allow, protocol: tcp, interfaces: [e]}]\n"
+            "    forward:\n      default: allow\n      rules: [{name: b, action: deny, protocol: tcp}]\n"
+            "    output:\n      default: allow\n      stateful: false\n")
+    compile_intent(parse_text(HEADER + body, "t.yaml").intent)
 
 
 def test_every_offending_rule_is_reported_at_once() -> None:

@@ -153,9 +153,9 @@ def test_ebpf_rows_without_the_intent_are_named_by_program_and_index_and_describ
     bpf_rows(rows, _as_observed(desired), _live(desired), None)
     counters = ordered(rows.rows.values())
     assert counters["filtering@eth0/#0"] == {"section": "filtering", "packets": 10, "bytes": 100, "dropped": 0,
-                                            "rule": "ingress tcp port 22 deny"}
-    assert counters["filtering@eth0/#1"]["rule"] == "ingress udp port 53 rate-limit 5/s burst 5"
-    assert counters["filtering@eth0 (default)"] == {"section": "filtering", "policy": "deny", "packets": 50,
+                                            "rule": "input tcp port 22 deny"}
+    assert counters["filtering@eth0/#1"]["rule"] == "input udp port 53 rate-limit 5/s burst 5"
+    assert counters["filtering.input (default)"] == {"section": "filtering", "policy": "deny", "packets": 50,
                                                    "bytes": 5000, "dropped": 50}
     assert counters["interception (inbound)/#0"] == {"section": "interception", "redirected": 3, "bypassed": 1,
                                                     "noProxy": 0, "rule": "tcp ports 80, 443 -> proxy :15001"}
@@ -174,7 +174,7 @@ def test_ebpf_rows_with_the_intent_carry_its_names() -> None:
     counters = ordered(rows.rows.values())
     assert set(counters) == {"interception/web-in", "interception/api-in", "loadBalancing/web",
                              "loadBalancing/web -> 10.0.1.1:80", "loadBalancing/web -> 10.0.1.2:80",
-                             "filtering.input/deny-ssh", "filtering.input/dns", "filtering@eth0 (default)"}
+                             "filtering.input/deny-ssh", "filtering.input/dns", "filtering.input (default)"}
     assert counters["filtering.input/deny-ssh"]["packets"] == 10 and "rule" not in counters["filtering.input/deny-ssh"]
     assert counters["interception/web-in"]["redirected"] == 3
     assert counters["loadBalancing/web"]["newFlows"] == 2
