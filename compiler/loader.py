@@ -4,12 +4,20 @@ Every problem in a file is reported at once, each as FILE:LINE:COL, and
 nothing downstream (the compiler, let alone the kernel) runs before the whole
 intent is valid. ruamel.yaml keeps the line and column of every key and item;
 errors from jsonschema and pydantic carry paths, which are mapped back here.
+
+A command may be given many intents (load_inputs): files, directories of
+them, stdin, and files of several `---`-separated documents, each document
+parsed on its own with its lines counted in the whole file.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Iterable, Sequence
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path as FsPath
@@ -95,12 +103,23 @@ class LoadedIntent:
         parsed again with them, on this error path only. A path the file does
         not spell out (a default) lands on its nearest written parent.
         """
-        try:
-            positions = Positions(YAML(typ="rt").load(self.text))
-        except MarkedYAMLError:
-            positions = Positions(None)
+        positions = self._positions
         problems = _dedupe([Problem(self.path, *positions.locate(path), message) for path, message in findings])
         return sorted(problems, key=lambda p: (p.line, p.column, p.message))
+
+    def where(self, path: DocPath) -> str:
+        """FILE:LINE:COL of `path` in this document (its nearest written parent for a default)."""
+        line, column = self._positions.locate(path)
+        return f"{self.path}:{line}:{column}"
+
+    @functools.cached_property
+    def _positions(self) -> Positions:
+        # Computed on error paths only (see problems_at); cached_property writes the instance's
+        # __dict__ directly, which a frozen dataclass allows.
+        try:
+            return Positions(YAML(typ="rt").load(self.text))
+        except MarkedYAMLError:
+            return Positions(None)
 
 
 class _FastLoader(yaml.CSafeLoader if hasattr(yaml, "CSafeLoader") else yaml.SafeLoader):  # type: ignore[misc]
@@ -197,6 +216,164 @@ def load_file(path: str | FsPath) -> LoadedIntent:
     except UnicodeDecodeError as exc:
         raise IntentError([Problem(name, 1, 1, f"the file is not UTF-8 text: {exc.reason}")]) from None
     return parse_text(text, name)
+
+
+# ------------------------------------------------------------------ many intents
+STDIN = "-"
+STDIN_NAME = "<stdin>"
+INTENT_SUFFIXES = (".yaml", ".yml")
+
+# A line holding a document marker (`---` or `...`): only then can a file hold several documents. YAML
+# forbids these at the start of a line inside any scalar, so the test has no false negatives.
+_MARKER = re.compile(r"(?:^|[\r\n\x85\u2028\u2029])(?:---|\.\.\.)(?=[ \t\r\n\x85\u2028\u2029]|$)")
+# The line breaks libyaml and ruamel.yaml count lines by.
+_BREAK = re.compile(r"\r\n|[\r\n\x85\u2028\u2029]")
+
+
+def expand_inputs(paths: Sequence[str]) -> list[str | Problem]:
+    """The files `paths` name, in order: a directory gives its `*.yaml`/`*.yml` files sorted by name (not
+    recursive; hidden entries, such as the `..data` directories and `..2024_...` links of a mounted
+    ConfigMap, are skipped, as kubectl and netplan do); `-` is stdin. A path that gives nothing is a Problem.
+    The same file named twice (a directory and one of its files) is read once."""
+    result: list[str | Problem] = []
+    seen: set[str] = set()
+
+    def add(name: str) -> None:
+        real = os.path.realpath(name)
+        if real not in seen:
+            seen.add(real)
+            result.append(name)
+
+    stdin_seen = False
+    for path in paths:
+        if path == STDIN:
+            if stdin_seen:
+                result.append(Problem(STDIN_NAME, 1, 1, "stdin ('-') is given twice: it can be read once"))
+            else:
+                result.append(STDIN)
+            stdin_seen = True
+            continue
+        if os.path.isdir(path):
+            try:
+                entries = sorted(os.scandir(path), key=lambda e: e.name)
+            except OSError as exc:
+                result.append(Problem(path, 1, 1, f"cannot list the directory: {exc.strerror or exc}"))
+                continue
+            files = [e for e in entries if not e.name.startswith(".") and e.name.endswith(INTENT_SUFFIXES)
+                     and e.is_file()]  # follows symlinks, as ConfigMap mounts need
+            if not files:
+                result.append(Problem(path, 1, 1, "the directory holds no intent files (*.yaml, *.yml)"))
+            for entry in files:
+                add(os.path.join(path, entry.name))
+            continue
+        add(path)
+    return result
+
+
+def split_documents(text: str) -> list[str]:
+    """The documents of a YAML stream, each padded with empty lines to where it starts in `text`, so that
+    each parses on its own with its line numbers in the whole file. Empty documents (a lone `---`) are
+    left out. A syntax error ends the scan: the rest of the text is one piece, whose parse reports it."""
+    if not _MARKER.search(text):
+        return [text] if text.strip() else []
+    starts: list[int] = []  # first line of each document
+    empty: set[int] = set()
+    floor = 0  # the first line the next document can start on: after an explicit end (`...`)
+    completed = 0
+    try:
+        pending = None
+        for event in yaml.parse(text, Loader=_FastLoader):
+            if isinstance(event, yaml.DocumentStartEvent):
+                pending = max(event.start_mark.line, floor)
+                starts.append(pending)
+            elif isinstance(event, yaml.ScalarEvent) and pending is not None:
+                # A document that is only an empty plain scalar is empty (`---` followed by nothing).
+                if event.value == "" and event.tag is None and event.style in (None, "") and event.implicit[0]:
+                    empty.add(len(starts) - 1)
+                pending = None
+            elif isinstance(event, yaml.DocumentEndEvent):
+                pending = None
+                completed += 1
+                floor = event.end_mark.line + 1 if event.explicit else event.end_mark.line
+            elif pending is not None:
+                pending = None
+    except yaml.YAMLError:
+        # The rest of the text, from the end of the last complete document, is one piece.
+        starts = [*starts[:completed], floor]
+        empty.discard(completed)
+    offsets = [0] + [m.end() for m in _BREAK.finditer(text)]
+    pieces = []
+    for index, line in enumerate(starts):
+        if index in empty:
+            continue
+        end = offsets[starts[index + 1]] if index + 1 < len(starts) else len(text)
+        pieces.append("\n" * line + text[offsets[line]:end])
+    return pieces
+
+
+def _read(name: str, stdin: Callable[[], str]) -> tuple[str, str]:
+    """(the name positions are reported with, the text); raises IntentError when it cannot be read."""
+    if name == STDIN:
+        try:
+            return STDIN_NAME, stdin()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise IntentError([Problem(STDIN_NAME, 1, 1, f"cannot read stdin: {exc}")]) from None
+    try:
+        return name, FsPath(name).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise IntentError([Problem(name, 1, 1, f"cannot read the file: {exc.strerror or exc}")]) from None
+    except UnicodeDecodeError as exc:
+        raise IntentError([Problem(name, 1, 1, f"the file is not UTF-8 text: {exc.reason}")]) from None
+
+
+def collect_inputs(paths: Sequence[str], stdin: Callable[[], str] | None = None
+                   ) -> tuple[list[LoadedIntent], list[Problem]]:
+    """Every intent the inputs hold, in input order, and every problem of those that are wrong.
+
+    Inputs are files, directories (see expand_inputs) and `-` for stdin; a file may hold several
+    documents separated by `---`, each an intent whose problems are reported at FILE:LINE:COL with
+    lines counted in the whole file. Two intents with the same metadata.name are a problem at the
+    second naming the first: the name is what owns kernel objects (the nft table kernform-<name>).
+    Pure apart from reading the inputs."""
+    read_stdin = stdin if stdin is not None else sys.stdin.read
+    loaded: list[LoadedIntent] = []
+    problems: list[Problem] = []
+    for item in expand_inputs(paths):
+        if isinstance(item, Problem):
+            problems.append(item)
+            continue
+        try:
+            name, text = _read(item, read_stdin)
+        except IntentError as exc:
+            problems += exc.problems
+            continue
+        documents = split_documents(text)
+        if not documents:
+            problems.append(Problem(name, 1, 1, "the file is empty: expected a NetworkIntent document"))
+        for document in documents:
+            try:
+                loaded.append(parse_text(document, name))
+            except IntentError as exc:
+                problems += exc.problems
+    first: dict[str, LoadedIntent] = {}
+    for intent in loaded:
+        name = intent.intent.metadata.name
+        earlier = first.setdefault(name, intent)
+        if earlier is not intent:
+            problems += intent.problems_at([(("metadata", "name"), (
+                f"intent {name!r} is also defined at {earlier.where(('metadata', 'name'))}: an intent's name owns "
+                f"its kernel objects (nft table kernform-{name}, pins /sys/fs/bpf/kernform/{name}), so names "
+                "must be unique across the inputs"))])
+    return loaded, problems
+
+
+def load_inputs(paths: Sequence[str], stdin: Callable[[], str] | None = None) -> list[LoadedIntent]:
+    """Every intent the inputs hold, in input order (see collect_inputs); raises IntentError with every
+    problem of every input at once."""
+    loaded, problems = collect_inputs(paths, stdin)
+    if problems:
+        raise IntentError(problems)
+    return loaded
 
 
 def _dedupe(problems: list[Problem]) -> list[Problem]:

@@ -12,14 +12,20 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from compiler import BACKENDS, BackendUnavailable, compile_intent
+from compiler.allocation import assign_slots
+from compiler.conflicts import conflicts
+from compiler.conflicts import find as find_conflicts
 from compiler.errors import ApplyError, IntentError, KernformError
-from compiler.loader import LoadedIntent, load_file
+from compiler.loader import STDIN, LoadedIntent, collect_inputs, load_inputs
 from compiler.objects import DesiredState, count_by_kind
 from compiler.render import render
+
+if TYPE_CHECKING:
+    from reconciler.observe import Target
 
 # The reconciler (pyroute2, libnftables) is imported by the commands that touch
 # the kernel only, so validate and compile stay fast and work anywhere.
@@ -29,55 +35,136 @@ def _colour(stream: Any) -> bool:
     return bool(getattr(stream, "isatty", lambda: False)()) and "NO_COLOR" not in os.environ
 
 
-def _compile(loaded: LoadedIntent, backend: str | None) -> DesiredState:
-    """compile_intent, with what the backend refuses reported like any problem of the file: at FILE:LINE:COL."""
+def _compile(loaded: LoadedIntent, backend: str | None, slots: Mapping[str, int] | None = None) -> DesiredState:
+    """compile_intent, with what the backend refuses reported like any problem of the file: at FILE:LINE:COL;
+    the interception settings it leaves out from its slot (compiler.allocation), slot 0 when none is given."""
     try:
-        return compile_intent(loaded.intent, backend)
+        return compile_intent(loaded.intent, backend, (slots or {}).get(loaded.intent.metadata.name, 0))
     except BackendUnavailable as exc:
         raise IntentError(loaded.problems_at(exc.findings)) from None
 
 
+def _unique(loaded: Sequence[LoadedIntent]) -> list[LoadedIntent]:
+    """The first intent of each name (a later one of the same name is a problem collect_inputs reported)."""
+    first: dict[str, LoadedIntent] = {}
+    for item in loaded:
+        first.setdefault(item.intent.metadata.name, item)
+    return list(first.values())
+
+
+def _slots(loaded: Sequence[LoadedIntent], backend: str | None, target: Target | None = None) -> dict[str, int]:
+    """The interception slot of each input intent that needs one: against what `target` holds (an applied
+    intent keeps its recorded slot), or among the inputs alone without a target."""
+    if target is None:
+        intents = [item.intent for item in loaded]
+        return assign_slots(intents, [backend or i.spec.backend for i in intents])
+    from reconciler.applied import allocate_slots
+
+    return allocate_slots(target, loaded, backend)
+
+
+def _compile_all(loaded: Sequence[LoadedIntent], backend: str | None,
+                 slots: Mapping[str, int] | None = None) -> list[DesiredState]:
+    """Every intent compiled; what any backend refuses, in any of them, raised at once."""
+    compiled: list[DesiredState] = []
+    problems = []
+    for item in loaded:
+        try:
+            compiled.append(_compile(item, backend, slots))
+        except IntentError as exc:
+            problems += exc.problems
+    if problems:
+        raise IntentError(problems)
+    return compiled
+
+
+def _checked(args: argparse.Namespace, loaded: list[LoadedIntent],
+             target: Target | None = None) -> tuple[list[LoadedIntent], list[DesiredState]]:
+    """The inputs compiled, free of conflicts between them, with their slots allocated against `target`;
+    raises IntentError otherwise."""
+    slots = _slots(loaded, args.backend, target)
+    found = conflicts(loaded, args.backend, slots)
+    try:
+        desired = _compile_all(loaded, args.backend, slots)
+    except IntentError as exc:
+        raise IntentError(exc.problems + found) from None  # every problem at once
+    if found:
+        raise IntentError(found)
+    return loaded, desired
+
+
+def _refuse_applied_conflicts(target: Target, loaded: Sequence[LoadedIntent], desired: Sequence[DesiredState]) -> None:
+    """Collisions with intents already applied in the target (reconciler.applied), before anything changes."""
+    from reconciler.applied import applied_conflicts
+
+    found = applied_conflicts(target, list(zip(loaded, desired, strict=True)))
+    if found:
+        raise IntentError(found)
+
+
+def _one_plan_document(args: argparse.Namespace, loaded: Sequence[LoadedIntent]) -> bool:
+    """Whether `plan --json` prints a formatVersion 1 plan: one file argument holding one intent, as before
+    several inputs existed. A directory, several files, stdin or several documents give formatVersion 2."""
+    return (len(args.files) == 1 and args.files[0] != STDIN and not os.path.isdir(args.files[0])
+            and len(loaded) == 1)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
-    status = 0
-    for path in args.files:
+    loaded, problems = collect_inputs(args.files)
+    slots = _slots(_unique(loaded), args.backend)
+    compiled: list[tuple[LoadedIntent, DesiredState]] = []
+    for item in loaded:
         try:
-            loaded = load_file(path)
+            compiled.append((item, _compile(item, args.backend, slots)))
         except IntentError as exc:
-            print(exc, file=sys.stderr)
-            status = 1
-            continue
-        try:
-            desired = _compile(loaded, args.backend)
-        except IntentError as exc:
-            print(exc, file=sys.stderr)
-            status = 1
+            problems += exc.problems
+    found = find_conflicts(_unique(loaded), args.backend, slots)
+    problems += [c.problem() for c in found]
+    # "valid" means valid within this set: intents in a conflict or sharing a name are not listed as valid.
+    names = [item.intent.metadata.name for item in loaded]
+    excluded = {id(c.first) for c in found} | {id(c.second) for c in found}
+    for item, desired in compiled:
+        name = item.intent.metadata.name
+        if id(item) in excluded or names.count(name) > 1:
             continue
         counts = count_by_kind(desired.objects)
-        print(f"{path}: valid (intent {loaded.intent.metadata.name}, {sum(counts.values())} kernel objects)")
-    return status
+        print(f"{item.path}: valid (intent {name}, {sum(counts.values())} kernel objects)")
+    if problems:
+        print(IntentError(problems), file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    loaded = load_file(args.file)
-    desired = _compile(loaded, args.backend)
-    sys.stdout.write(render(desired))
+    loaded = load_inputs(args.files)
+    for index, desired in enumerate(_compile_all(loaded, args.backend, _slots(loaded, args.backend))):
+        if index:
+            sys.stdout.write("\n")
+        sys.stdout.write(render(desired))
     return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from reconciler.apply import make_plan
     from reconciler.observe import Target
-    from reconciler.plan import render_text
+    from reconciler.plan import PlanSet, render_set_text, render_text
 
-    loaded = load_file(args.file)
-    desired = _compile(loaded, args.backend)
+    loaded = load_inputs(args.files)
     with Target(args.netns) as target:
-        plan, _ = make_plan(target, desired)
-    if args.json:
-        print(plan.to_json())
+        loaded, desired = _checked(args, loaded, target)
+        _refuse_applied_conflicts(target, loaded, desired)
+        plans = PlanSet(target.label, tuple(make_plan(target, wanted)[0] for wanted in desired))
+    if _one_plan_document(args, loaded):
+        (plan,) = plans.plans
+        if args.json:
+            print(plan.to_json())
+        else:
+            sys.stdout.write(render_text(plan, colour=_colour(sys.stdout), full=args.full))
+    elif args.json:
+        print(plans.to_json())
     else:
-        sys.stdout.write(render_text(plan, colour=_colour(sys.stdout), full=args.full))
-    if args.detailed_exitcode and not plan.empty:
+        sys.stdout.write(render_set_text(plans, colour=_colour(sys.stdout), full=args.full))
+    if args.detailed_exitcode and not plans.empty:
         return 2
     return 0
 
@@ -87,20 +174,44 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from reconciler.observe import Target
     from reconciler.plan import render_text
 
-    loaded = load_file(args.file)
-    desired = _compile(loaded, args.backend)
+    loaded = load_inputs(args.files)
+    several = len(loaded) > 1
+    done: list[str] = []
     with Target(args.netns) as target:
-        plan, observed = make_plan(target, desired)
-        if not args.quiet:
-            sys.stdout.write(render_text(plan, colour=_colour(sys.stdout), full=args.full))
-        if plan.empty:
-            return 0
-        result = apply(target, desired, plan, observed)
-    counts = plan.counts()
-    print(
-        f"Apply complete: {counts['add']} added, {counts['change']} changed, {counts['remove']} removed "
-        f"({result.operations} kernel operations, {result.seconds * 1000:.0f} ms); verified."
-    )
+        loaded, desired = _checked(args, loaded, target)
+        # Every refusal before the first intent touches the kernel.
+        _refuse_applied_conflicts(target, loaded, desired)
+        # Intent by intent, in input order; each apply is atomic and verified on its own.
+        for index, (item, wanted) in enumerate(zip(loaded, desired, strict=True)):
+            name = item.intent.metadata.name
+            try:
+                plan, observed = make_plan(target, wanted)
+                if not args.quiet:
+                    sys.stdout.write(render_text(plan, colour=_colour(sys.stdout), full=args.full))
+                if plan.empty:
+                    if several and args.quiet:
+                        print(f"intent {name}: no changes.")
+                    done.append(name)
+                    continue
+                result = apply(target, wanted, plan, observed)
+            except KernformError as exc:
+                if not several:
+                    raise
+                _print_error(exc)
+                rest = [i.intent.metadata.name for i in loaded[index + 1:]]
+                print(f"kernform: stopped at intent {name}, whose apply failed (see above); applied on "
+                      f"{target.label}: {', '.join(done) or 'none'}; not applied: {', '.join([name, *rest])}.",
+                      file=sys.stderr)
+                return 1
+            counts = plan.counts()
+            print(
+                f"Apply complete{f' (intent {name})' if several else ''}: {counts['add']} added, "
+                f"{counts['change']} changed, {counts['remove']} removed "
+                f"({result.operations} kernel operations, {result.seconds * 1000:.0f} ms); verified."
+            )
+            done.append(name)
+    if several:
+        print(f"Applied {len(done)} intents on {target.label}: {', '.join(done)}.")
     return 0
 
 
@@ -108,13 +219,25 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     from reconciler.apply import destroy
     from reconciler.observe import Target
 
-    name = args.intent or load_file(args.file).intent.metadata.name
+    # The reverse of apply's order; intents named with --intent after those of the files.
+    names = [item.intent.metadata.name for item in reversed(load_inputs(args.files))] if args.files else []
+    names += [name for name in args.intent or [] if name not in names]
+    done: list[str] = []
     with Target(args.netns) as target:
-        result = destroy(target, name)
-    if result.plan.empty:
-        print(f"Nothing to destroy: intent {name} owns no objects on {target.label}.")
-    else:
-        print(f"Destroy complete: {len(result.plan.actions)} objects of intent {name} removed from {target.label}.")
+        for index, name in enumerate(names):
+            try:
+                result = destroy(target, name)
+            except KernformError:
+                if len(names) > 1:
+                    print(f"kernform: stopped at intent {name}, whose destroy failed; destroyed on {target.label}: "
+                          f"{', '.join(done) or 'none'}; not destroyed: {', '.join(names[index:])}.", file=sys.stderr)
+                raise
+            done.append(name)
+            if result.plan.empty:
+                print(f"Nothing to destroy: intent {name} owns no objects on {target.label}.")
+            else:
+                print(f"Destroy complete: {len(result.plan.actions)} objects of intent {name} removed from "
+                      f"{target.label}.")
     return 0
 
 
@@ -133,12 +256,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     report: list[dict[str, Any]] = []
     with Target(args.netns) as target:
-        if args.file:
-            loaded = load_file(args.file)
-            names = [loaded.intent.metadata.name]
+        inputs: list[tuple[str, LoadedIntent | None]]
+        if args.files:
+            inputs = [(item.intent.metadata.name, item) for item in load_inputs(args.files)]
         else:
-            names = applied_intents(target)
-        for name in names:
+            inputs = [(name, None) for name in applied_intents(target)]
+        for name, loaded in inputs:
             observed = target.observe(name)
             found = applied_backends(observed)
             # The backend is what the kernel holds; --backend overrides; the file decides only when the
@@ -147,7 +270,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 backend, source = args.backend, "--backend"
             elif len(found) == 1:
                 backend, source = found[0], "kernel"
-            elif args.file:
+            elif loaded is not None:
                 backend, source = loaded.intent.spec.backend, "file"
             else:
                 backend, source = None, "kernel"
@@ -160,14 +283,14 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "objects": dict(count_by_kind(observed.objects)),
             }
             desired = None
-            if args.file:
+            if loaded is not None:
                 entry["specBackend"] = loaded.intent.spec.backend
-                desired = _compile(loaded, backend)
+                desired = _compile(loaded, backend, _slots([loaded], backend, target))
                 plan, _ = make_plan(target, desired)
                 entry["inSync"] = plan.empty
                 entry["pendingChanges"] = plan.counts()
             shown = [args.backend] if args.backend else list(found)
-            entry["counters"] = counters(target, observed, shown, loaded.intent if args.file else None, desired)
+            entry["counters"] = counters(target, observed, shown, loaded.intent if loaded else None, desired)
             report.append(entry)
     if args.json:
         print(json.dumps({"target": target.label, "intents": report}, indent=2))
@@ -255,18 +378,24 @@ def parser() -> argparse.ArgumentParser:
     def with_netns(p: argparse.ArgumentParser) -> None:
         p.add_argument("--netns", metavar="NS", help="target this network namespace (default: the host's)")
 
-    p = sub.add_parser("validate", help="check intent files and report every problem as FILE:LINE:COL")
-    p.add_argument("files", nargs="+", metavar="FILE")
+    inputs_help = ("intent files, directories (their *.yaml and *.yml files, sorted) or - for stdin; a file may "
+                   "hold several intents separated by ---")
+
+    def with_inputs(p: argparse.ArgumentParser, nargs: str = "+") -> None:
+        p.add_argument("files", nargs=nargs, metavar="INPUT", help=inputs_help)
+
+    p = sub.add_parser("validate", help="check intents, and conflicts between them; every problem as FILE:LINE:COL")
+    with_inputs(p)
     with_backend(p)
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("compile", help="print the lowered artifacts (nft ruleset, ip rules and routes)")
-    p.add_argument("file", metavar="FILE")
+    with_inputs(p)
     with_backend(p)
     p.set_defaults(func=cmd_compile)
 
-    p = sub.add_parser("plan", help="dry run: what apply would change in the kernel")
-    p.add_argument("file", metavar="FILE")
+    p = sub.add_parser("plan", help="dry run: what apply would change in the kernel, per intent")
+    with_inputs(p)
     with_backend(p)
     with_netns(p)
     p.add_argument("--json", action="store_true", help="machine-readable plan (schemas/plan.schema.json)")
@@ -274,22 +403,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="list every set element instead of a summary per set")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("apply", help="make the kernel hold the intent (atomic, verified)")
-    p.add_argument("file", metavar="FILE")
+    p = sub.add_parser("apply", help="make the kernel hold the intents, one by one in input order (each atomic, verified)")
+    with_inputs(p)
     with_backend(p)
     with_netns(p)
     p.add_argument("--quiet", "-q", action="store_true", help="do not print the plan")
     p.add_argument("--full", action="store_true", help="list every set element in the plan")
     p.set_defaults(func=cmd_apply)
 
-    p = sub.add_parser("destroy", help="remove every object the intent owns")
-    p.add_argument("file", metavar="FILE", nargs="?")
-    p.add_argument("--intent", metavar="NAME", help="the intent's metadata.name, instead of a file")
+    p = sub.add_parser("destroy", help="remove every object the intents own (in reverse input order)")
+    with_inputs(p, "*")
+    p.add_argument("--intent", metavar="NAME", action="append",
+                   help="an intent's metadata.name, instead of (or besides) files; may be repeated")
     with_netns(p)
     p.set_defaults(func=cmd_destroy)
 
     p = sub.add_parser("status", help="what is applied, with per-rule counters")
-    p.add_argument("file", metavar="FILE", nargs="?")
+    with_inputs(p, "*")
     with_backend(p)
     with_netns(p)
     p.add_argument("--json", action="store_true")
@@ -323,25 +453,33 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if getattr(args, "command", None) == "destroy" and not (args.file or args.intent):
-        print("kernform destroy: give FILE or --intent NAME", file=sys.stderr)
+    if getattr(args, "command", None) == "destroy" and not (args.files or args.intent):
+        print("kernform destroy: give INPUT or --intent NAME", file=sys.stderr)
         return 1
     try:
         return int(args.func(args))
-    except IntentError as exc:
+    except KernformError as exc:
+        return _print_error(exc)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _print_error(exc: KernformError) -> int:
+    """Report an error on stderr as the CLI does (intent problems as FILE:LINE:COL); returns the exit status."""
+    if isinstance(exc, IntentError):
         print(exc, file=sys.stderr)
-        return 1
-    except ApplyError as exc:
+    elif isinstance(exc, ApplyError):
         print(f"kernform: apply failed: {exc}", file=sys.stderr)
         residual = getattr(exc, "residual", None)
         if residual is not None:
             from reconciler.plan import render_text
 
             sys.stderr.write(render_text(residual))
-        return 1
-    except KernformError as exc:
+    else:
         print(f"kernform: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return 1
 
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -49,6 +49,7 @@ from compiler.errors import ApplyError, BackendUnavailable, IntentError, KernelE
 from compiler.loader import parse_text
 from compiler.objects import DesiredState, count_by_kind, nft_table_name
 
+from .applied import allocate_slots, applied_conflicts
 from .apply import apply, make_plan
 from .drivers.events import KernelEvents, WatchScope
 from .log import event
@@ -368,7 +369,7 @@ class Daemon:
 
     def _reconcile(self, target: Target, reasons: tuple[str, ...], trigger: str, started: float) -> None:
         state = self._state
-        desired, problem = self._load()
+        desired, problem = self._load(target)
         if desired is not None:
             state.last_good = desired
         else:
@@ -419,7 +420,7 @@ class Daemon:
         else:
             self._set_degraded(problem)
 
-    def _load(self) -> tuple[DesiredState | None, str | None]:
+    def _load(self, target: Target) -> tuple[DesiredState | None, str | None]:
         """The desired state of the file as it is now, or (None, the problem)."""
         path = self.settings.file
         state = self._state
@@ -436,14 +437,14 @@ class Daemon:
             return None, f"{path}: cannot read the file: {exc.strerror or exc}"
         digest = hashlib.sha256(data + f"\0{self.settings.backend}".encode()).hexdigest()
         if digest != state.loaded.digest:
-            state.loaded = self._compile(data, digest)
+            state.loaded = self._compile(data, digest, target)
         loaded = state.loaded
         self.metrics.file_valid.set(1 if loaded.desired is not None else 0)
         if loaded.desired is None:
             return None, loaded.problems
         return loaded.desired, None
 
-    def _compile(self, data: bytes, digest: str) -> _Loaded:
+    def _compile(self, data: bytes, digest: str, target: Target) -> _Loaded:
         name = str(self.settings.file)
         try:
             try:
@@ -451,11 +452,18 @@ class Daemon:
             except UnicodeDecodeError as exc:
                 raise IntentError([Problem(name, 1, 1, f"the file is not UTF-8 text: {exc.reason}")]) from None
             loaded = parse_text(text, name)
+            # Its interception slot: the one recorded in the kernel, or the lowest free one (compiler.allocation).
+            slots = allocate_slots(target, [loaded], self.settings.backend)
             try:
-                desired = compile_intent(loaded.intent, self.settings.backend)
+                desired = compile_intent(loaded.intent, self.settings.backend, slots.get(loaded.intent.metadata.name, 0))
             except BackendUnavailable as refused:
                 # What the backend refuses is the file's to fix: reported like any invalid file, at FILE:LINE:COL.
                 raise IntentError(loaded.problems_at(refused.findings)) from None
+            # A collision with another intent applied in the target is the file's to fix too: the other
+            # intent's objects are never replaced by this one's.
+            collisions = applied_conflicts(target, [(loaded, desired)])
+            if collisions:
+                raise IntentError(collisions)
         except IntentError as exc:
             event(log, logging.ERROR, f"invalid intent file, the kernel keeps the last applied state:\n{exc}",
                   file=name, problems=[str(p) for p in exc.problems])

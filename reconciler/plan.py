@@ -86,6 +86,40 @@ class Plan:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False)
 
 
+@dataclass(frozen=True)
+class PlanSet:
+    """The plans of several intents for one target, in the order apply takes them (the input order).
+
+    Its JSON is formatVersion 2: every element of `plans` is a whole formatVersion 1 plan, so a reader
+    of single-intent plans reads each part unchanged; `summary` totals them."""
+
+    target: str
+    plans: tuple[Plan, ...]
+
+    @property
+    def empty(self) -> bool:
+        return all(p.empty for p in self.plans)
+
+    def counts(self) -> dict[str, int]:
+        result = {"add": 0, "change": 0, "remove": 0}
+        for plan in self.plans:
+            for op, count in plan.counts().items():
+                result[op] += count
+        return result
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "formatVersion": 2,
+            "target": self.target,
+            "summary": {**self.counts(), "intents": len(self.plans),
+                        "intentsWithChanges": sum(not p.empty for p in self.plans)},
+            "plans": [p.to_dict() for p in self.plans],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+
 def diff(intent: str, backend: str, target: str,
          desired: Mapping[ObjectKey, KernelObject], observed: Mapping[ObjectKey, KernelObject]) -> Plan:
     """The actions that turn `observed` into `desired`: creations in dependency order, removals in reverse."""
@@ -163,6 +197,20 @@ def render_text(plan: Plan, colour: bool = False, full: bool = False) -> str:
         lines.append("")
         lines.append(f"Plan: {counts['add']} to add, {counts['change']} to change, {counts['remove']} to remove.")
     return "\n".join(lines) + "\n"
+
+
+def render_set_text(plans: PlanSet, colour: bool = False, full: bool = False) -> str:
+    """One section per intent (render_text), then the totals over all of them."""
+    sections = [render_text(plan, colour=colour, full=full) for plan in plans.plans]
+    counts = plans.counts()
+    changed = [p.intent for p in plans.plans if not p.empty]
+    if not changed:
+        total = f"No changes in any of the {len(plans.plans)} intents on {plans.target}."
+    else:
+        total = (f"Total over {len(plans.plans)} intents on {plans.target} ({len(changed)} with changes: "
+                 f"{', '.join(changed)}): {counts['add']} to add, {counts['change']} to change, "
+                 f"{counts['remove']} to remove.")
+    return "\n".join(sections) + "\n" + total + "\n"
 
 
 def _element_label(action: Action) -> str:

@@ -29,6 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from compiler.allocation import SLOT_SET, recorded_slot
 from compiler.errors import KernelError
 from compiler.objects import (
     NFT_FAMILY,
@@ -81,6 +82,11 @@ class NftObservation:
         """The routing tables recorded in our table as the intent's (to sweep those it no longer wants)."""
         return frozenset(int(o.element) for o in self.objects
                          if isinstance(o, NftElement) and o.set == OWNED_TABLES_SET)
+
+    @property
+    def interception_slot(self) -> int | None:
+        """The interception slot recorded in our table (compiler.allocation), None when none is."""
+        return recorded_slot(o.element for o in self.objects if isinstance(o, NftElement) and o.set == SLOT_SET)
 
     def with_elements(self, actions: Sequence[Action], generation: int) -> NftObservation:
         """This observation after element `actions` were carried out, at `generation`."""
