@@ -79,7 +79,7 @@ def _compile_all(loaded: Sequence[LoadedIntent], backend: str | None,
 
 
 def _checked(args: argparse.Namespace, loaded: list[LoadedIntent],
-             target: Target | None = None) -> tuple[list[LoadedIntent], list[DesiredState]]:
+             target: Target | None = None) -> tuple[list[LoadedIntent], list[DesiredState], dict[str, int]]:
     """The inputs compiled, free of conflicts between them, with their slots allocated against `target`;
     raises IntentError otherwise."""
     slots = _slots(loaded, args.backend, target)
@@ -90,14 +90,15 @@ def _checked(args: argparse.Namespace, loaded: list[LoadedIntent],
         raise IntentError(exc.problems + found) from None  # every problem at once
     if found:
         raise IntentError(found)
-    return loaded, desired
+    return loaded, desired, slots
 
 
-def _refuse_applied_conflicts(target: Target, loaded: Sequence[LoadedIntent], desired: Sequence[DesiredState]) -> None:
+def _refuse_applied_conflicts(target: Target, loaded: Sequence[LoadedIntent], desired: Sequence[DesiredState],
+                              slots: Mapping[str, int]) -> None:
     """Collisions with intents already applied in the target (reconciler.applied), before anything changes."""
     from reconciler.applied import applied_conflicts
 
-    found = applied_conflicts(target, list(zip(loaded, desired, strict=True)))
+    found = applied_conflicts(target, list(zip(loaded, desired, strict=True)), slots)
     if found:
         raise IntentError(found)
 
@@ -151,8 +152,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     loaded = load_inputs(args.files)
     with Target(args.netns) as target:
-        loaded, desired = _checked(args, loaded, target)
-        _refuse_applied_conflicts(target, loaded, desired)
+        loaded, desired, slots = _checked(args, loaded, target)
+        _refuse_applied_conflicts(target, loaded, desired, slots)
         plans = PlanSet(target.label, tuple(make_plan(target, wanted)[0] for wanted in desired))
     if _one_plan_document(args, loaded):
         (plan,) = plans.plans
@@ -178,9 +179,9 @@ def cmd_apply(args: argparse.Namespace) -> int:
     several = len(loaded) > 1
     done: list[str] = []
     with Target(args.netns) as target:
-        loaded, desired = _checked(args, loaded, target)
+        loaded, desired, slots = _checked(args, loaded, target)
         # Every refusal before the first intent touches the kernel.
-        _refuse_applied_conflicts(target, loaded, desired)
+        _refuse_applied_conflicts(target, loaded, desired, slots)
         # Intent by intent, in input order; each apply is atomic and verified on its own.
         for index, (item, wanted) in enumerate(zip(loaded, desired, strict=True)):
             name = item.intent.metadata.name

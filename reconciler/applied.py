@@ -32,12 +32,13 @@ desired state first, which compiler/conflicts.py compares.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
-from compiler.allocation import Taken, assign_slots
+from compiler.allocation import Taken, assign_slots, with_slot
 from compiler.conflicts import REASONS, claims, marks_overlap
 from compiler.errors import DocPath, Problem
+from compiler.intent import NetworkIntent
 from compiler.loader import LoadedIntent
 from compiler.objects import OWNED_TABLES_SET, DesiredState, IpRoute, IpRule, nft_table_name
 from compiler.routing import parse_mark
@@ -96,7 +97,8 @@ def allocate_slots(target: Target | None, loaded: Sequence[LoadedIntent], backen
     return assign_slots(intents, [backend or i.spec.backend for i in intents], taken, recorded)
 
 
-def applied_conflicts(target: Target, items: Sequence[tuple[LoadedIntent, DesiredState]]) -> list[Problem]:
+def applied_conflicts(target: Target, items: Sequence[tuple[LoadedIntent, DesiredState]],
+                      slots: Mapping[str, int] | None = None) -> list[Problem]:
     """Every collision of the intents to apply (in this order) with intents applied in `target`, each at the
     new intent's FILE:LINE:COL, naming the applied intent and the kernel object that holds the resource."""
     applied = applied_intents(target)
@@ -113,7 +115,8 @@ def applied_conflicts(target: Target, items: Sequence[tuple[LoadedIntent, Desire
                 continue  # itself, or replaced by its new desired state before this one is applied
             if name not in cache:
                 cache[name] = read_applied(target, name)
-            found = _collisions(loaded, desired, cache[name], target.label)
+            intent = with_slot(loaded.intent, (slots or {}).get(loaded.intent.metadata.name, 0))
+            found = _collisions(loaded, intent, desired, cache[name], target.label)
             if name in later:
                 note = (f" (intent {name!r} is also in the inputs, after this one, and still holds it when this one "
                         "is applied: put it first if its new version gives the resource up)")
@@ -122,9 +125,9 @@ def applied_conflicts(target: Target, items: Sequence[tuple[LoadedIntent, Desire
     return problems
 
 
-def _collisions(loaded: LoadedIntent, desired: DesiredState, other: AppliedClaims,
+def _collisions(loaded: LoadedIntent, intent: NetworkIntent, desired: DesiredState, other: AppliedClaims,
                 where: str) -> list[tuple[DocPath, str]]:
-    intent = loaded.intent
+    """`intent` is `loaded`'s with its slot's interception settings filled in."""
     mine = claims(intent, desired.backend)
     index: dict[tuple[str, Hashable], tuple[DocPath, str]] = {}
     for claim in mine:

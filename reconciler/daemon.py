@@ -461,7 +461,7 @@ class Daemon:
                 raise IntentError(loaded.problems_at(refused.findings)) from None
             # A collision with another intent applied in the target is the file's to fix too: the other
             # intent's objects are never replaced by this one's.
-            collisions = applied_conflicts(target, [(loaded, desired)])
+            collisions = applied_conflicts(target, [(loaded, desired)], slots)
             if collisions:
                 raise IntentError(collisions)
         except IntentError as exc:
