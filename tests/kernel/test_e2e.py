@@ -321,6 +321,32 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "kernform", *args], capture_output=True, text=True, cwd=ROOT)
 
 
+def test_the_gitops_directory_applies_as_three_intents_and_works(servers: LabMap, gw: Target, backend: str) -> None:
+    """examples/gitops/edge-gateway: the edge gateway split into three intents, applied as one directory."""
+    directory = str(EXAMPLES / "gitops" / "edge-gateway")
+    b = ["--backend", backend, "--netns", servers.gw_ns]
+    result = cli("apply", "--quiet", directory, *b)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == (
+        f"Applied 3 intents on netns {servers.gw_ns}: gw-interception, gw-services, gw-edge.")
+    (reply,) = get(servers, servers.internet_v4, 443)
+    assert reply.get("proxy") is True and reply["client_ip"] == servers.client_v4, reply
+    replies = balanced_get(servers, backend, "gw-services", "10.70.100.10", 80, count=40)
+    assert {r.get("server") for r in replies} == {"b1", "b2", "b3"}, replies[:3]
+    assert {r["client_ip"] for r in replies} == {servers.client_v4}
+    (denied,) = get(servers, servers.internet_v4, 8081, timeout=0.5)
+    assert denied.get("error") == "timeout"
+    assert get(servers, servers.internet_v4, 8443)[0].get("server") == "wan-b"
+    clean = cli("plan", "--detailed-exitcode", directory, *b)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    status = json.loads(cli("status", "--json", "--netns", servers.gw_ns).stdout)
+    assert {i["intent"]: i["backend"] for i in status["intents"]} == {
+        "gw-interception": backend, "gw-services": backend, "gw-edge": backend}
+    destroyed = cli("destroy", directory, "--netns", servers.gw_ns)
+    assert destroyed.returncode == 0, destroyed.stderr
+    assert not [t for t in gw.nft.tables() if t.startswith("kernform-gw-")]
+
+
 def test_bad_file_is_reported_and_leaves_the_kernel_untouched(
     servers: LabMap, applied: Target, backend: str, tmp_path: Path
 ) -> None:
