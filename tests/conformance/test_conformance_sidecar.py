@@ -10,7 +10,8 @@ from other namespaces (cli on eth0, cli2 on eth1) and the upstream server is
 The module is parametrised by backend, by the inbound rule's interfaces and by
 rule order, and every test must hold for every combination:
 
-- ``any``: no interfaces named, which means any interface but lo;
+- ``any``: no interfaces named, which means any interface but lo (refused by
+  the ebpf backend, at the rule);
 - ``named``: ``interfaces: [eth0, eth1]``, the two client-facing interfaces;
 - cell 3, rule order: the outbound rule listed first, or the inbound rule.
 """
@@ -18,6 +19,7 @@ rule order, and every test must hold for every combination:
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import harness
@@ -70,8 +72,20 @@ def sidecar_intent(interfaces: str, order: str) -> str:
     return harness.intent("kfc-sidecar", "  interception:\n    rules:\n" + rules, SIDE_CGROUP)
 
 
-@pytest.fixture(scope="module", params=[(b, i, o) for b in harness.BACKENDS for i in INTERFACES for o in ORDERS],
-                ids="-".join)
+# The ebpf backend intercepts inbound connections on named interfaces only (sk_lookup matches the
+# ingress interface, and policy routing for "any interface but lo" would need rules it cannot own):
+# the `any` variant is a refused cell there, proven below.
+COMBINATIONS = [(b, i, o) for b in harness.BACKENDS for i in INTERFACES for o in ORDERS
+                if (b, i) != ("ebpf", "any")]
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_ebpf_refuses_inbound_interception_on_any_interface(order: str, tmp_path: Path) -> None:
+    text = sidecar_intent("any", order).replace("      - name: inbound\n", f"      - name: inbound  {harness.REFUSED}\n")
+    harness.assert_ebpf_refuses(text, tmp_path)
+
+
+@pytest.fixture(scope="module", params=COMBINATIONS, ids="-".join)
 def sidecar(request: pytest.FixtureRequest, proxy: ProxyLog) -> Iterator[str]:
     backend, interfaces, order = request.param
     with harness.applied(backend, (SIDE, sidecar_intent(interfaces, order))):
