@@ -185,14 +185,19 @@ class InterceptionRule(_Model):
 
 
 class Interception(_Model):
+    # Left out, these three come from the intent's slot (compiler/allocation.py): slot 0 gives the
+    # defaults below, and a host's other intents get other slots.
     fwmark: Mark = Field(
         default="0x4b460001/0xffffffff",
-        description="mark that routes intercepted packets to the local proxy (policy routing)",
+        description="mark that routes intercepted packets to the local proxy (policy routing); "
+        "left out: 0x4b460001 + the intent's slot",
     )
     routing_table: int = Field(
-        default=7100, ge=1, le=0xFFFFFFF0, description="table holding 'local default dev lo'"
+        default=7100, ge=1, le=0xFFFFFFF0,
+        description="table holding 'local default dev lo'; left out: 7100 + 64 x the intent's slot",
     )
-    rule_priority: int = Field(default=100, ge=1, le=32765, description="priority of the fwmark ip rule")
+    rule_priority: int = Field(default=100, ge=1, le=32765,
+                               description="priority of the fwmark ip rule; left out: 100 + the intent's slot")
     rules: list[InterceptionRule] = []
 
 
