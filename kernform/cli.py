@@ -337,6 +337,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         resync=args.resync,
         debounce=args.debounce_ms / 1000,
         metrics=args.metrics,
+        prune=args.prune,
     )
     return Daemon(settings).run()
 
@@ -426,8 +427,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("watch", help="keep the kernel holding FILE: reconcile on every change (foreground daemon)")
-    p.add_argument("file", metavar="FILE")
+    p = sub.add_parser("watch", help="keep the kernel holding FILE, or every intent of DIRECTORY: reconcile on "
+                       "every change (foreground daemon)")
+    p.add_argument("file", metavar="FILE|DIRECTORY")
+    p.add_argument("--prune", action="store_true",
+                   help="with a directory: destroy an intent whose file or document is gone (default: leave it)")
     with_backend(p)
     with_netns(p)
     p.add_argument("--resync", type=_positive, default=30.0, metavar="SECONDS",

@@ -1,4 +1,16 @@
-"""`kernform watch`: continuous reconciliation of one intent file into one network namespace.
+"""`kernform watch`: continuous reconciliation of an intent file, or of every intent of a directory, into one
+network namespace.
+
+A directory (GitOps, a mounted ConfigMap) is read as the CLI reads one
+(compiler.loader.expand_inputs: `*.yaml`/`*.yml`, sorted, hidden entries
+skipped, several documents per file): every intent in it is kept applied,
+intent by intent, each apply atomic and verified. A file that turns invalid
+keeps its intents at their last good state; an intent that conflicts with
+another (compiler.conflicts, reconciler.applied) is not applied and keeps its
+last good state; an intent whose file or document is gone is left in place,
+or destroyed with `--prune` (the intents the daemon manages are recorded in
+/run/kernform/<target>-dir-<hash>.intents, so a restart still knows them). A
+ConfigMap's `..data` swap is one event, hence one pass.
 
 The loop re-reads everything on every pass and remembers nothing it needs to
 converge: a file event, a kernel event, a signal or the periodic resync only
@@ -8,7 +20,7 @@ with the same file reaches the same state.
 
 What the daemon keeps between passes is only what makes it safe and cheap
 (besides the drivers' last observation, see observe.Target.forget):
-- the last good desired state: while the file is invalid or missing, the
+- per intent, the last good desired state: while the file is invalid or missing, the
   kernel keeps exactly what it holds, and drift is repaired towards that
   last good state; nothing is ever removed because a file went bad;
 - the compiled desired state keyed by the file's bytes and the backend, so a
@@ -22,7 +34,8 @@ debouncer; prometheus-client serves /metrics from its own thread.
 
 One daemon per (namespace, intent): a flock on
 /run/kernform/<netns or host>-<intent>.lock, taken as soon as the intent's
-name is known (a second daemon is refused and exits 1).
+name is known (a second daemon is refused and exits 1); and one per
+(namespace, directory), a flock taken at start.
 """
 
 from __future__ import annotations
@@ -33,31 +46,33 @@ import ctypes.util
 import errno
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import secrets
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from compiler import compile_intent
+from compiler.conflicts import find as find_conflicts
 from compiler.errors import ApplyError, BackendUnavailable, IntentError, KernelError, KernformError, Problem
-from compiler.loader import parse_text
+from compiler.loader import LoadedIntent, parse_text, split_documents
 from compiler.objects import DesiredState, count_by_kind, nft_table_name
 
 from .applied import allocate_slots, applied_conflicts
-from .apply import apply, make_plan
+from .apply import apply, destroy, make_plan
 from .drivers.events import KernelEvents, WatchScope
 from .log import event
 from .metrics import DaemonMetrics
 from .netns import path_of
 from .observe import Target
 from .plan import Action, Plan
-from .watchers import Debouncer, FileWatcher
+from .watchers import INTENT_SUFFIXES, Debouncer, DirectoryWatcher, FileWatcher
 
 log = logging.getLogger("kernform.watch")
 
@@ -78,6 +93,7 @@ class WatchSettings:
     run_dir: Path = RUN_DIR
     retry_min: float = 0.5
     retry_max: float = 30.0
+    prune: bool = False  # a directory's intent whose file or document is gone is destroyed (else left in place)
 
 
 class LockHeld(KernformError):
@@ -135,12 +151,31 @@ def _namespace_identity(netns: str | None) -> tuple[int, int] | None:
 
 
 @dataclass
-class _Loaded:
-    """The file as last read: its bytes' digest, and what they compiled to (or the problems found)."""
+class _Source:
+    """One input file as last read: its bytes' digest and the intents it holds, or why it holds none now."""
 
     digest: str | None
-    desired: DesiredState | None = None
-    problems: str | None = None
+    intents: tuple[LoadedIntent, ...] = ()
+    problems: str | None = None  # the file is missing, unreadable or invalid: its intents keep their last good state
+
+
+@dataclass
+class _Intent:
+    """What the daemon knows of one intent of its inputs."""
+
+    file: str  # the file it comes from
+    last_good: DesiredState | None = None  # the last desired state it compiled to
+    converged: DesiredState | None = None  # the last desired state the kernel was verified to hold
+    problem: str | None = None  # why its file's current version is not applied (invalid, refused, conflicting)
+
+
+@dataclass
+class _Checked:
+    """The inputs' intents checked together (slots, conflicts, compiled), for one version of every file."""
+
+    signature: tuple[tuple[str, str | None], ...]
+    desired: dict[str, DesiredState]
+    problems: dict[str, str]  # intent -> why it is not applied as its file says
 
 
 def _trigger(reasons: tuple[str, ...]) -> str:
@@ -161,9 +196,6 @@ def action_fields(actions: tuple[Action, ...]) -> dict[str, Any]:
 
 @dataclass
 class _State:
-    converged: DesiredState | None = None  # the last desired state the kernel was verified to hold
-    last_good: DesiredState | None = None  # the last desired state the file compiled to
-    loaded: _Loaded = field(default_factory=lambda: _Loaded(None))
     degraded_because: str | None = None
     failures: int = 0
     retry_at: float | None = None
@@ -177,8 +209,16 @@ class Daemon:
         self.thread_name = f"kfw-{secrets.token_hex(4)}"  # unique: nft events committed under it are ours
         self._stop = threading.Event()
         self._state = _State()
+        self._directory = settings.file.is_dir()
+        self._sources: dict[str, _Source] = {}
+        self._intents: dict[str, _Intent] = {}
+        self._checked: _Checked | None = None
+        self._left_in_place: set[str] = set()  # gone intents already reported as left in place
+        self._announced: dict[tuple[str, str], object] = {}  # what was last logged per intent (see _announce)
         self._scope = WatchScope()
         self._locks: dict[str, IntentLock] = {}
+        self._managed_path = settings.run_dir / (
+            f"{settings.netns or 'host'}-dir-{hashlib.sha256(str(settings.file).encode()).hexdigest()[:16]}.intents")
         self._target: Target | None = None
         self._netlink_ports: frozenset[int] = frozenset()  # read by the event thread
         self._exit_code = 0
@@ -191,8 +231,23 @@ class Daemon:
         if settings.metrics:
             host, port = self.metrics.serve(settings.metrics)
             event(log, logging.INFO, f"metrics endpoint on http://{host}:{port}/metrics", metrics=f"{host}:{port}")
+        if self._directory:
+            # One daemon per (directory, namespace); each intent's own lock is taken as it is found.
+            directory_lock = IntentLock(settings.run_dir, settings.netns,
+                                        f"dir-{hashlib.sha256(str(settings.file).encode()).hexdigest()[:16]}")
+            try:
+                directory_lock.acquire()
+            except LockHeld:
+                event(log, logging.ERROR, f"another kernform watch already manages {settings.file} on this target",
+                      lock="held")
+                self.metrics.close()
+                return 1
+            self._locks["(directory)"] = directory_lock
+            self._intents = {name: _Intent(file) for name, file in self._read_managed().items()}
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-        watcher = FileWatcher(settings.file, self._on_file_change, self._on_file_writing)
+        watcher: FileWatcher | DirectoryWatcher = (
+            DirectoryWatcher(settings.file, self._on_file_change, self._on_file_writing) if self._directory
+            else FileWatcher(settings.file, self._on_file_change, self._on_file_writing))
         namespace_watcher = None
         if settings.netns:
             # A deleted or re-created namespace wakes the worker, which then reopens its sockets there.
@@ -346,7 +401,7 @@ class Daemon:
         try:
             self._reconcile(target, reasons, trigger, started)
         except LockHeld as exc:
-            if self._state.converged is None and not self._locks:
+            if not any(i.converged for i in self._intents.values()) and not self._locks:
                 # Refused at start: this daemon never managed anything.
                 event(log, logging.ERROR, str(exc), lock="held")
                 self._exit_code = 1
@@ -368,29 +423,59 @@ class Daemon:
             self.metrics.pass_duration.observe(time.perf_counter() - started)
 
     def _reconcile(self, target: Target, reasons: tuple[str, ...], trigger: str, started: float) -> None:
-        state = self._state
-        desired, problem = self._load(target)
-        if desired is not None:
-            state.last_good = desired
-        else:
-            desired = state.last_good
-        if desired is None:
+        held, gone, problems = self._load(target)
+        if not held and not gone:
             # Never a write before the whole desired state is known: with no valid file yet, touch nothing.
-            self._set_degraded(problem or "no valid intent yet")
+            self._set_degraded("; ".join(problems) or "no valid intent yet")
             return
-        self._lock(desired.intent)
-        self._scope = WatchScope(nft_table_name(desired.intent), desired.routing_tables,
-                                 links_and_addresses=desired.backend == "ebpf")
+        for desired in held:
+            self._lock(desired.intent)
+        self._scope = WatchScope(frozenset(nft_table_name(d.intent) for d in held),
+                                 frozenset().union(*(d.routing_tables for d in held)),
+                                 links_and_addresses=any(d.backend == "ebpf" for d in held))
         self.metrics.info.clear()
-        self.metrics.info.labels(desired.intent, target.label, desired.backend).set(1)
-        self.metrics.desired_objects.set(len(desired.objects))
+        for desired in held:
+            self.metrics.info.labels(desired.intent, target.label, desired.backend).set(1)
+        self.metrics.desired_objects.set(sum(len(d.objects) for d in held))
         if {r.split(" ", 1)[0] for r in reasons} != {"file"}:
             # Drift, a resync, a signal or a retry: read every object again. A pass for a changed
             # file may diff against what the last pass verified (BPF map entries; nft only while
             # the ruleset generation is unchanged), which is what keeps it fast.
             target.forget()
+        failed: list[str] = []
+        for desired in held:
+            # Intent by intent, each atomic and verified: one failing leaves the others converging.
+            try:
+                self._converge(target, desired, reasons, trigger, started)
+            except KernformError as exc:
+                self._intents[desired.intent].converged = None
+                self.metrics.intent_in_sync.labels(desired.intent).set(0)
+                if len(held) == 1 and not self._directory:
+                    raise
+                residual = exc.residual if isinstance(exc, ApplyError) and isinstance(exc.residual, Plan) else None
+                event(log, logging.ERROR, f"intent {desired.intent}: apply failed, its previous state was kept: {exc}",
+                      intent=desired.intent, pass_result="failed",
+                      **(action_fields(residual.actions) if residual is not None else {}))
+                failed.append(f"intent {desired.intent}: {exc}")
+        for name in gone:
+            self._gone(target, name)
+        self._write_managed()
+        if failed:
+            raise KernformError(f"{len(failed)} of {len(held)} intents failed: " + "; ".join(failed))
+        self._state.failures = 0
+        self._state.retry_at = None
+        self.metrics.succeeded()
+        if problems:
+            self._set_degraded("; ".join(problems))
+        else:
+            self._set_healthy()
+
+    def _converge(self, target: Target, desired: DesiredState, reasons: tuple[str, ...], trigger: str,
+                  started: float) -> None:
+        """One intent's pass: plan against the kernel, apply the difference, verified."""
+        known = self._intents[desired.intent]
         plan, observed = make_plan(target, desired)
-        repair = state.converged is not None and desired == state.converged
+        repair = known.converged is not None and desired == known.converged
         if not plan.empty:
             counts = plan.counts()
             result = apply(target, desired, plan, observed)
@@ -401,7 +486,7 @@ class Daemon:
             what = "drift repaired" if repair else "applied"
             event(log, logging.WARNING if repair else logging.INFO,
                   f"{what}: {counts['add']} added, {counts['change']} changed, {counts['remove']} removed "
-                  f"on {target.label}",
+                  f"on {target.label}" + (f" (intent {desired.intent})" if self._directory else ""),
                   pass_result="repaired" if repair else "applied", intent=desired.intent, trigger=trigger,
                   reasons=list(reasons), operations=result.operations,
                   duration_ms=round((time.perf_counter() - started) * 1000, 1), **counts,
@@ -411,78 +496,236 @@ class Daemon:
                   f"in sync: intent {desired.intent} on {target.label}", pass_result="in-sync",
                   intent=desired.intent, trigger=trigger, reasons=list(reasons),
                   duration_ms=round((time.perf_counter() - started) * 1000, 1))
-        state.converged = desired
-        state.failures = 0
-        state.retry_at = None
-        self.metrics.succeeded()
-        if problem is None:
-            self._set_healthy()
-        else:
-            self._set_degraded(problem)
+        known.converged = desired
+        self.metrics.intent_in_sync.labels(desired.intent).set(1)
 
-    def _load(self, target: Target) -> tuple[DesiredState | None, str | None]:
-        """The desired state of the file as it is now, or (None, the problem)."""
-        path = self.settings.file
-        state = self._state
+    def _gone(self, target: Target, name: str) -> None:
+        """An intent of the directory whose file or document is gone: destroyed with --prune, else left."""
+        if not self.settings.prune:
+            if name not in self._left_in_place:
+                self._left_in_place.add(name)
+                event(log, logging.WARNING,
+                      f"intent {name} is no longer in {self.settings.file}: its state is left in place on "
+                      f"{target.label} (--prune destroys it; `kernform destroy --intent {name}` does now)",
+                      intent=name, pruned=False)
+            return
+        result = destroy(target, name)
+        event(log, logging.INFO, f"intent {name} is no longer in {self.settings.file}: destroyed, "
+              f"{len(result.plan.actions)} objects removed from {target.label}", intent=name, pruned=True)
+        del self._intents[name]
+        lock = self._locks.pop(name, None)
+        if lock is not None:
+            lock.release()
+        for gauge in (self.metrics.intent_valid, self.metrics.intent_desired_objects, self.metrics.intent_in_sync):
+            with contextlib.suppress(KeyError):
+                gauge.remove(name)
+
+    # ------------------------------------------------------------------ load
+    def _files(self) -> list[str]:
+        """The input files now: the file itself, or the directory's intent files (as compiler.loader lists them:
+        sorted, not recursive, hidden entries skipped, symlinks followed)."""
+        if not self._directory:
+            return [str(self.settings.file)]
         try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            state.loaded = _Loaded(None)
-            self.metrics.file_valid.set(0)
-            return None, (f"{path} does not exist; the kernel keeps the last applied state "
-                          "(only `kernform destroy` removes it)")
+            entries = sorted(os.scandir(self.settings.file), key=lambda e: e.name)
         except OSError as exc:
-            state.loaded = _Loaded(None)
-            self.metrics.file_valid.set(0)
-            return None, f"{path}: cannot read the file: {exc.strerror or exc}"
-        digest = hashlib.sha256(data + f"\0{self.settings.backend}".encode()).hexdigest()
-        if digest != state.loaded.digest:
-            state.loaded = self._compile(data, digest, target)
-        loaded = state.loaded
-        self.metrics.file_valid.set(1 if loaded.desired is not None else 0)
-        if loaded.desired is None:
-            return None, loaded.problems
-        return loaded.desired, None
+            raise KernelError(f"cannot list {self.settings.file}: {exc.strerror or exc}") from None
+        return [e.path for e in entries if not e.name.startswith(".") and e.name.endswith(INTENT_SUFFIXES)
+                and e.is_file()]
 
-    def _compile(self, data: bytes, digest: str, target: Target) -> _Loaded:
-        name = str(self.settings.file)
+    def _load(self, target: Target) -> tuple[list[DesiredState], list[str], list[str]]:
+        """(the desired state of every intent to hold, in input order; the intents gone from the inputs;
+        the problems of the inputs now). An intent whose file is invalid, or whose new version is refused,
+        is held at its last good state."""
+        files = self._files()
+        problems: list[str] = []
+        for path in files:
+            source = self._read(path)
+            if source.problems:
+                problems.append(source.problems)
+        for path in set(self._sources) - set(files):
+            del self._sources[path]
+        signature = tuple((path, self._sources[path].digest) for path in files)
+        if self._checked is None or self._checked.signature != signature:
+            self._checked = self._check(target, signature)
+        checked = self._checked
+        present: set[str] = set()
+        valid_files = {path for path in files if self._sources[path].problems is None}
+        for path in files:
+            source = self._sources[path]
+            for loaded in source.intents:
+                name = loaded.intent.metadata.name
+                present.add(name)
+                known = self._intents.setdefault(name, _Intent(path))
+                known.file = path
+                if name in checked.desired:
+                    known.last_good = checked.desired[name]
+                known.problem = source.problems or checked.problems.get(name)
+        problems += list(dict.fromkeys(checked.problems.values()))
+        held: list[DesiredState] = []
+        gone: list[str] = []
+        for name, known in self._intents.items():
+            # An intent of an invalid file is still in the inputs (a restart knows it from the managed record).
+            if name in present or (known.file in files and known.file not in valid_files):
+                self._left_in_place.discard(name)
+                if known.last_good is not None:
+                    held.append(known.last_good)
+            elif self._directory:
+                gone.append(name)
+            # One file whose intent was renamed: the old one is left as it is (see _lock), never "gone".
+        order = {name: index for index, name in enumerate(
+            [i.intent.metadata.name for path in files for i in self._sources[path].intents])}
+        held.sort(key=lambda d: order.get(d.intent, len(order)))
+        self.metrics.file_valid.set(0 if problems else 1)
+        for name, known in self._intents.items():
+            self.metrics.intent_valid.labels(name).set(0 if known.problem else 1)
+            if known.last_good is not None:
+                self.metrics.intent_desired_objects.labels(name).set(len(known.last_good.objects))
+        return held, gone, problems
+
+    def _read(self, path: str) -> _Source:
+        """The file as it is now, parsed again only when its bytes changed."""
+        previous = self._sources.get(path)
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError:
+            source = _Source(None, previous.intents if previous else (), (
+                f"{path} does not exist; the kernel keeps the last applied state "
+                "(only `kernform destroy` removes it)"))
+            self._sources[path] = source
+            return source
+        except OSError as exc:
+            source = _Source(None, previous.intents if previous else (),
+                             f"{path}: cannot read the file: {exc.strerror or exc}")
+            self._sources[path] = source
+            return source
+        digest = hashlib.sha256(data + f"\0{self.settings.backend}".encode()).hexdigest()
+        if previous is not None and previous.digest == digest:
+            return previous
         try:
             try:
                 text = data.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise IntentError([Problem(name, 1, 1, f"the file is not UTF-8 text: {exc.reason}")]) from None
-            loaded = parse_text(text, name)
-            # Its interception slot: the one recorded in the kernel, or the lowest free one (compiler.allocation).
-            slots = allocate_slots(target, [loaded], self.settings.backend)
-            try:
-                desired = compile_intent(loaded.intent, self.settings.backend, slots.get(loaded.intent.metadata.name, 0))
-            except BackendUnavailable as refused:
-                # What the backend refuses is the file's to fix: reported like any invalid file, at FILE:LINE:COL.
-                raise IntentError(loaded.problems_at(refused.findings)) from None
-            # A collision with another intent applied in the target is the file's to fix too: the other
-            # intent's objects are never replaced by this one's.
-            collisions = applied_conflicts(target, [(loaded, desired)], slots)
-            if collisions:
-                raise IntentError(collisions)
+                raise IntentError([Problem(path, 1, 1, f"the file is not UTF-8 text: {exc.reason}")]) from None
+            documents = split_documents(text) if self._directory else [text]
+            if not documents:
+                raise IntentError([Problem(path, 1, 1, "the file is empty: expected a NetworkIntent document")])
+            intents: list[LoadedIntent] = []
+            found: list[Problem] = []
+            for document in documents:
+                try:
+                    intents.append(parse_text(document, path))
+                except IntentError as exc:
+                    found += exc.problems
+            if found:
+                raise IntentError(found)
         except IntentError as exc:
             event(log, logging.ERROR, f"invalid intent file, the kernel keeps the last applied state:\n{exc}",
-                  file=name, problems=[str(p) for p in exc.problems])
-            return _Loaded(digest, None, f"invalid intent file ({len(exc.problems)} problems)")
-        except KernformError as exc:
-            event(log, logging.ERROR, f"cannot compile {name}, the kernel keeps the last applied state: {exc}",
-                  file=name)
-            return _Loaded(digest, None, f"cannot compile: {exc}")
-        counts = count_by_kind(desired.objects)
-        event(log, logging.INFO, f"loaded {name}: intent {desired.intent}, {len(desired.objects)} kernel objects",
-              file=name, intent=desired.intent, backend=desired.backend, objects=dict(counts))
-        return _Loaded(digest, desired)
+                  file=path, problems=[str(p) for p in exc.problems])
+            # What it held before keeps its last good state.
+            source = _Source(digest, previous.intents if previous else (),
+                             f"invalid intent file ({len(exc.problems)} problems)"
+                             + (f": {path}" if self._directory else ""))
+            self._sources[path] = source
+            return source
+        source = _Source(digest, tuple(intents))
+        self._sources[path] = source
+        return source
+
+    def _check(self, target: Target, signature: tuple[tuple[str, str | None], ...]) -> _Checked:
+        """The valid files' intents together: unique names, slots, conflicts between them and with the intents
+        applied in the target, each compiled. An intent with a problem is left out (its last good state stays)."""
+        loaded: list[LoadedIntent] = []
+        first: dict[str, LoadedIntent] = {}
+        duplicates: dict[str, str] = {}
+        for path, _ in signature:
+            source = self._sources[path]
+            if source.problems is not None:
+                continue
+            for item in source.intents:
+                name = item.intent.metadata.name
+                if name in first:
+                    message = (f"{item.where(('metadata', 'name'))}: intent {name!r} is also defined at "
+                               f"{first[name].where(('metadata', 'name'))}: names must be unique")
+                    event(log, logging.ERROR, message, intent=name, file=path)
+                    duplicates[f"{name} in {path}"] = message
+                    continue
+                first[name] = item
+                loaded.append(item)
+        backend = self.settings.backend
+        slots = allocate_slots(target, loaded, backend)
+        refused: dict[str, list[Problem]] = {}
+        for conflict in find_conflicts(loaded, backend, slots):
+            refused.setdefault(conflict.second.intent.metadata.name, []).append(conflict.problem())
+        desired: dict[str, DesiredState] = {}
+        for item in loaded:
+            name = item.intent.metadata.name
+            if name in refused:
+                continue
+            try:
+                compiled = compile_intent(item.intent, backend, slots.get(name, 0))
+            except BackendUnavailable as exc:
+                # What the backend refuses is the file's to fix: reported like any invalid file, at FILE:LINE:COL.
+                refused[name] = item.problems_at(exc.findings)
+                continue
+            except KernformError as exc:
+                refused[name] = [Problem(item.path, 1, 1, f"cannot compile: {exc}")]
+                continue
+            # A collision with another intent applied in the target is the file's to fix too: the other
+            # intent's objects are never replaced by this one's.
+            collisions = applied_conflicts(target, [(item, compiled)], slots)
+            if collisions:
+                refused[name] = collisions
+                continue
+            desired[name] = compiled
+            if self._announce(("loaded", name, compiled)):
+                counts = count_by_kind(compiled.objects)
+                event(log, logging.INFO, f"loaded {item.path}: intent {name}, {len(compiled.objects)} kernel objects",
+                      file=item.path, intent=name, backend=compiled.backend, objects=dict(counts))
+        for name, found in refused.items():
+            error = IntentError(found)
+            if self._announce(("refused", name, str(error))):
+                event(log, logging.ERROR, f"invalid intent file, the kernel keeps the last applied state:\n{error}",
+                      intent=name, file=found[0].file, problems=[str(p) for p in found])
+        problems = {name: f"invalid intent file ({len(found)} problems)" + (
+            f": intent {name}" if self._directory else "") for name, found in refused.items()}
+        return _Checked(signature, desired, {**problems, **duplicates})
+
+    def _announce(self, what: tuple[Any, ...]) -> bool:
+        """Whether `what` (an intent loaded as a desired state, or refused with a text) is new since the last
+        check: a change to one file of a directory logs that file's intents, not every intent again."""
+        key = (what[0], what[1])
+        if self._announced.get(key) == what[2]:
+            return False
+        self._announced[key] = what[2]
+        return True
+
+    def _read_managed(self) -> dict[str, str]:
+        """The intents this directory's daemon managed before (name -> file), so a restart can prune them."""
+        try:
+            data = json.loads(self._managed_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+    def _write_managed(self) -> None:
+        if not self._directory:
+            return
+        record = {name: known.file for name, known in sorted(self._intents.items())}
+        if record == self._read_managed():
+            return
+        temporary = self._managed_path.with_suffix(".tmp")
+        with contextlib.suppress(OSError):
+            self._managed_path.parent.mkdir(parents=True, exist_ok=True)
+            temporary.write_text(json.dumps(record, indent=1) + "\n")
+            os.replace(temporary, self._managed_path)
 
     def _lock(self, intent: str) -> None:
         if intent in self._locks:
             return
         lock = IntentLock(self.settings.run_dir, self.settings.netns, intent)
         lock.acquire()
-        if self._locks:
+        if self._locks and not self._directory:
             event(log, logging.WARNING,
                   f"the intent's name changed to {intent}; the state of {', '.join(self._locks)} stays in the "
                   f"kernel until `kernform destroy --intent NAME`", intent=intent)

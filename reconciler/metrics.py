@@ -54,6 +54,15 @@ class DaemonMetrics:
                                        buckets=PASS_BUCKETS, registry=r)
         self.desired_objects = Gauge("kernform_desired_objects", "Kernel objects the intent wants", registry=r)
         self.info = Gauge("kernform_info", "The daemon's target", ["intent", "target", "backend"], registry=r)
+        # Per intent: a daemon watching a directory holds many.
+        self.intent_valid = Gauge("kernform_intent_valid",
+                                  "1 when the intent's file loads, compiles and conflicts with no other intent",
+                                  ["intent"], registry=r)
+        self.intent_desired_objects = Gauge("kernform_intent_desired_objects", "Kernel objects the intent wants",
+                                            ["intent"], registry=r)
+        self.intent_in_sync = Gauge("kernform_intent_in_sync",
+                                    "1 when the last pass left the kernel holding the intent's desired state",
+                                    ["intent"], registry=r)
         self._server: Any = None
 
     def _seconds_since_success(self) -> float:

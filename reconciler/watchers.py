@@ -135,7 +135,7 @@ def fingerprint(path: Path) -> Fingerprint:
 
 
 class _DirectoryHandler(FileSystemEventHandler):
-    def __init__(self, watcher: FileWatcher) -> None:
+    def __init__(self, watcher: FileWatcher | DirectoryWatcher) -> None:
         self._watcher = watcher
 
     def on_any_event(self, event: FileSystemEvent) -> None:
@@ -221,3 +221,65 @@ class FileWatcher:
         elif changed:
             # A symlink swap (Kubernetes ..data), or the directory itself moved under us.
             self._on_change("file replaced" if now is not None else "file deleted")
+
+
+# -------------------------------------------------------------- the directory
+INTENT_SUFFIXES = (".yaml", ".yml")
+
+
+class DirectoryWatcher:
+    """Calls `on_change(reason)` when the intent files of `directory` may hold something new: a file added,
+    changed, renamed or removed, or a Kubernetes ConfigMap swap (its hidden `..data` link renamed over), and
+    `on_writing()` while a file is being written. Not recursive: only the directory's own entries count."""
+
+    def __init__(self, directory: Path, on_change: Callable[[str], None],
+                 on_writing: Callable[[], None] | None = None) -> None:
+        self.directory = Path(os.path.abspath(directory))
+        self._on_change = on_change
+        self._on_writing = on_writing or (lambda: None)
+        self._observer: Observer | None = None  # type: ignore[valid-type]
+
+    def start(self) -> None:
+        if not self.directory.is_dir():
+            raise KernelError(f"cannot watch {self.directory}: it is not a directory")
+        observer = Observer()
+        observer.schedule(_DirectoryHandler(self), str(self.directory), recursive=False,
+                          event_filter=FileWatcher.EVENTS)
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+
+    def stop(self) -> None:
+        if self._observer is not None:
+            logging.getLogger("watchdog.observers.inotify").setLevel(logging.CRITICAL)
+            self._observer.stop()
+            self._observer.join(timeout=5)
+            self._observer = None
+
+    def _relevant(self, path: str | bytes) -> str | None:
+        """The entry's name when it can change what the directory holds: an intent file, or a hidden entry
+        (a ConfigMap's `..data` and its timestamped directories)."""
+        full = os.path.abspath(os.fsdecode(path))
+        if os.path.dirname(full) != str(self.directory):
+            return None
+        name = os.path.basename(full)
+        return name if name.endswith(INTENT_SUFFIXES) or name.startswith(".") else None
+
+    def handle(self, event: FileSystemEvent) -> None:
+        """One directory event (called from watchdog's thread; public for tests)."""
+        names = [self._relevant(event.src_path)]
+        if isinstance(event, FileMovedEvent | DirMovedEvent):
+            names.append(self._relevant(event.dest_path))
+        name = next((n for n in names if n is not None), None)
+        if name is None:
+            return
+        source = os.fsdecode(event.src_path)
+        written = isinstance(event, FileModifiedEvent) or (
+            isinstance(event, FileCreatedEvent) and not os.path.islink(source) and os.path.exists(source))
+        if written and not event.is_directory and not name.startswith("."):
+            self._on_writing()  # the content follows, then a close
+            return
+        what = {FileClosedEvent: "saved", FileCreatedEvent: "created", FileDeletedEvent: "deleted",
+                FileMovedEvent: "renamed", DirMovedEvent: "renamed", DirCreatedEvent: "created",
+                DirDeletedEvent: "deleted"}.get(type(event), event.event_type)
+        self._on_change(f"file {name} {what}")

@@ -89,7 +89,7 @@ _AF_NAMES = {socket.AF_INET: 4, socket.AF_INET6: 6}
 class WatchScope:
     """What the daemon owns now: kernel events about anything else are ignored."""
 
-    nft_table: str | None = None
+    nft_tables: frozenset[str] = frozenset()
     routing_tables: frozenset[int] = frozenset()
     # The desired state depends on the namespace's links and addresses (interface names resolved to
     # ifindexes, the mirror of local addresses): any change of them calls for a pass.
@@ -153,10 +153,11 @@ class NftBatchReader:
             committer = _string(attrs.get(NFTA_GEN_PROC_NAME))
             pid = int(_BE32.unpack_from(attrs[NFTA_GEN_PROC_PID])[0]) if NFTA_GEN_PROC_PID in attrs else 0
             touched, self.touched = self.touched, {}
-            if scope.nft_table is None or scope.nft_table not in touched or committer in own_names:
+            ours = sorted(scope.nft_tables.intersection(touched))
+            if not ours or committer in own_names:
                 return None
-            what = ", ".join(sorted(touched[scope.nft_table]))
-            return f"nft table {scope.nft_table} changed ({what}) by {committer or '?'} (pid {pid})"
+            what = ", ".join(sorted(set().union(*(touched[t] for t in ours))))
+            return f"nft table {', '.join(ours)} changed ({what}) by {committer or '?'} (pid {pid})"
         if message == NFT_MSG_TRACE:
             return None
         table = _string(attributes(payload, _NFGENMSG_SIZE).get(1))  # NFTA_*_TABLE is attribute 1 in every kind

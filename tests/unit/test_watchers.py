@@ -195,7 +195,7 @@ def rtmsg(family: int, dst_len: int, table: int, protocol: int, *attrs: bytes) -
     return struct.pack("=BBBBBBBBI", family, dst_len, 0, 0, min(table, 252), protocol, 0, 1, 0) + b"".join(attrs)
 
 
-SCOPE = WatchScope("kernform-edge", frozenset({202}))
+SCOPE = WatchScope(frozenset({"kernform-edge"}), frozenset({202}))
 
 
 def parsed_route_event(data: bytes, own: frozenset[int] = frozenset()) -> str | None:
@@ -224,7 +224,7 @@ def test_routes_of_other_tables_and_foreign_rules_are_ignored() -> None:
 def test_link_changes_matter_only_when_the_intent_owns_routing_tables() -> None:
     ((kind, pid, payload),) = list(netlink_messages(message(RTM_NEWLINK, b"\0" * 16)))
     assert route_event(kind, pid, payload, SCOPE, frozenset()) == "link changed"
-    assert route_event(kind, pid, payload, WatchScope("kernform-edge"), frozenset()) is None
+    assert route_event(kind, pid, payload, WatchScope(frozenset({"kernform-edge"})), frozenset()) is None
 
 
 def nft_message(nft_kind: int, *attrs: bytes) -> bytes:
