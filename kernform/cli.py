@@ -252,8 +252,9 @@ def _counter_origin(name: str) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from reconciler.apply import make_plan
+    from reconciler.daemon import RUN_DIR
     from reconciler.observe import Target
-    from reconciler.status import applied_backends, applied_intents, counters, format_counters
+    from reconciler.status import applied_backends, applied_intents, counters, format_counters, watch_record
 
     report: list[dict[str, Any]] = []
     with Target(args.netns) as target:
@@ -292,6 +293,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 entry["pendingChanges"] = plan.counts()
             shown = [args.backend] if args.backend else list(found)
             entry["counters"] = counters(target, observed, shown, loaded.intent if loaded else None, desired)
+            entry["watch"] = watch_record(RUN_DIR, args.netns, name)
             report.append(entry)
     if args.json:
         print(json.dumps({"target": target.label, "intents": report}, indent=2))
@@ -301,8 +303,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for entry in report:
         state = "applied" if entry["applied"] else "not applied"
         if entry["backend"] is None:
-            held = " and ".join(entry["appliedBackends"]) or "no chains, no BPF programs"
-            which = f"backend unknown ({held})"
+            held = " and ".join(entry["appliedBackends"])
+            which = f"backend unknown ({held})" if held else "no backend state (no chains, no BPF programs)"
         else:
             why = {"kernel": "read from the kernel", "--backend": "from --backend", "file": "the file's spec.backend"}
             which = f"backend {entry['backend']} ({why[entry['backendFrom']]}"
@@ -315,6 +317,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         if "inSync" in entry:
             sync = ", in sync with the file" if entry["inSync"] else f", drifted/pending: {entry['pendingChanges']}"
         print(f"intent {entry['intent']} on {target.label}: {state}, {which}{sync}")
+        watch = entry["watch"]
+        if watch is None:
+            print("  watch: none (no `kernform watch` keeps it applied)")
+        else:
+            health = "healthy" if watch.get("health") == "ok" else f"{watch.get('health')}: {watch.get('reason')}"
+            print(f"  watch: kernform watch pid {watch.get('pid', '?')} of {watch.get('file', '?')}, {health}")
         objects = ", ".join(f"{n} {k}" for k, n in sorted(entry["objects"].items()))
         if objects:
             print(f"  objects: {objects}")

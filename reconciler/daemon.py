@@ -107,6 +107,7 @@ class IntentLock:
         self.path = run_dir / f"{netns or 'host'}-{intent}.lock"
         self.intent = intent
         self._fd: int | None = None
+        self._published: dict[str, Any] | None = None
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -125,6 +126,17 @@ class IntentLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+
+    def publish(self, record: dict[str, Any]) -> None:
+        """Write the daemon's view of the intent to <lock>.status when it changed (atomically)."""
+        if record == self._published:
+            return
+        status = self.path.with_suffix(".status")
+        with contextlib.suppress(OSError):
+            temporary = status.with_suffix(".status.tmp")
+            temporary.write_text(json.dumps({**record, "updated": time.time()}) + "\n")
+            os.replace(temporary, status)
+            self._published = record
 
     def release(self) -> None:
         if self._fd is not None:
@@ -747,9 +759,24 @@ class Daemon:
         if self._state.degraded_because != reason:
             self._state.degraded_because = reason
             event(log, logging.WARNING, f"degraded: {reason}", health="degraded", reason=reason)
+        self._publish()
 
     def _set_healthy(self) -> None:
         self.metrics.degraded.set(0)
         if self._state.degraded_because is not None:
             self._state.degraded_because = None
-            event(log, logging.INFO, "healthy: the kernel holds the current file", health="ok")
+            event(log, logging.INFO, "healthy: the kernel holds the current file"
+                  + ("s" if self._directory else ""), health="ok")
+        self._publish()
+
+    def _publish(self) -> None:
+        """Each intent's health, next to its lock, for `kernform status` (reconciler.status.watch_record)."""
+        for name, lock in self._locks.items():
+            known = self._intents.get(name)
+            if known is None:
+                continue
+            reason = known.problem or (None if known.converged is not None else self._state.degraded_because
+                                       or "not applied yet")
+            record = {"pid": os.getpid(), "intent": name, "file": known.file, "health": "degraded" if reason else "ok",
+                      "reason": reason, "inSync": known.converged is not None}
+            lock.publish(record)

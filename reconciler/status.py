@@ -30,7 +30,10 @@ backends arrays.
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
+import json
+import os
 import urllib.parse
 from array import array
 from collections.abc import Iterable, Mapping, Sequence
@@ -84,6 +87,30 @@ def applied_backends(observed: ObservedState) -> tuple[str, ...]:
     if any(isinstance(o, BpfProgram) for o in observed.bpf):
         found.append("ebpf")
     return tuple(found)
+
+
+def watch_record(run_dir: Path, netns: str | None, intent: str) -> dict[str, Any] | None:
+    """What a running `kernform watch` says of `intent` in the target (reconciler.daemon publishes it next to
+    the intent's lock), or None when no daemon holds the lock: a record left by a daemon that is gone is stale."""
+    lock = run_dir / f"{netns or 'host'}-{intent}.lock"
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            pass  # held: a daemon watches the intent
+        else:
+            return None
+        try:
+            record = json.loads(lock.with_suffix(".status").read_text())
+        except (OSError, ValueError):
+            return {"health": "unknown", "reason": "the daemon has not reported yet"}
+        return record if isinstance(record, dict) else None
+    finally:
+        os.close(fd)
 
 
 def applied_intents(target: Target) -> list[str]:
