@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .allocation import SLOT_SET, needs_slot, with_slot
+from .allocation import SLOT_SET, in_target, needs_slot, with_slot
 from .errors import BackendUnavailable
 from .intent import NetworkIntent
 from .objects import DesiredState, KernelObject, NftElement, NftSet, NftTable, begin_compile, digest, shared
@@ -13,12 +13,14 @@ BACKENDS = ("tproxy", "ebpf")
 __all__ = ["BACKENDS", "BackendUnavailable", "compile_intent"]
 
 
-def compile_intent(intent: NetworkIntent, backend: str | None = None, slot: int = 0) -> DesiredState:
-    """Lower `intent` for `backend` (default: the intent's spec.backend), the interception settings it leaves
-    out taken from `slot` (compiler.allocation; the reconciler chooses it) and the slot recorded in its nft table."""
+def compile_intent(intent: NetworkIntent, backend: str | None = None, slot: int = 0,
+                   netns: str | None = None) -> DesiredState:
+    """Lower `intent` for `backend` (default: the intent's spec.backend), as applied in network namespace `netns`
+    (None: the host's), the interception settings it leaves out taken from `slot` (compiler.allocation; the
+    reconciler chooses it) and the slot recorded in its nft table."""
     chosen = backend or intent.spec.backend
     begin_compile()
-    resolved = with_slot(intent, slot)
+    resolved = in_target(with_slot(intent, slot), netns)
     if chosen == "tproxy":
         from . import tproxy
 

@@ -69,6 +69,21 @@ def with_slot(intent: NetworkIntent, slot: int) -> NetworkIntent:
     return intent.model_copy(update={"spec": spec})
 
 
+def default_cgroup(name: str, netns: str | None) -> str:
+    """The cgroup the ebpf backend's socket programs attach to when spec.ebpf.cgroup is left out: one per
+    (intent, target), so an intent applied in several namespaces never attaches twice to one cgroup. Siblings,
+    not nested (cgroup programs apply to descendants), and `@` never appears in an intent's name."""
+    return f"kernform/{name}" if netns is None else f"kernform/{name}@{netns}"
+
+
+def in_target(intent: NetworkIntent, netns: str | None) -> NetworkIntent:
+    """`intent` as applied in `netns` (None: the host's namespace): spec.ebpf.cgroup filled in when left out."""
+    if intent.spec.ebpf.cgroup is not None or netns is None:
+        return intent
+    ebpf = intent.spec.ebpf.model_copy(update={"cgroup": default_cgroup(intent.metadata.name, netns)})
+    return intent.model_copy(update={"spec": intent.spec.model_copy(update={"ebpf": ebpf})})
+
+
 def interception_tables(intent: NetworkIntent, backend: str, table: int) -> set[int]:
     """The routing tables interception takes from `table` on: one (tproxy), one per inbound rule (ebpf)."""
     rules = intent.spec.interception.rules

@@ -50,7 +50,7 @@ from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from . import cidr
-from .allocation import assign_slots, marks_overlap, with_slot
+from .allocation import assign_slots, default_cgroup, in_target, marks_overlap, with_slot
 from .errors import DocPath, Problem
 from .intent import InterceptionRule, NetworkIntent, parse_port_range
 from .loader import LoadedIntent
@@ -126,18 +126,19 @@ class Conflict:
 
 
 def conflicts(loaded: Sequence[LoadedIntent], backend: str | None = None,
-              slots: Mapping[str, int] | None = None) -> list[Problem]:
+              slots: Mapping[str, int] | None = None, netns: str | None = None) -> list[Problem]:
     """Every conflict between the intents, as a problem at the later one's FILE:LINE:COL naming the earlier
     one's (`backend` overrides each intent's spec.backend, as `--backend` does)."""
-    return [c.problem() for c in find(loaded, backend, slots)]
+    return [c.problem() for c in find(loaded, backend, slots, netns)]
 
 
 def find(loaded: Sequence[LoadedIntent], backend: str | None = None,
-         slots: Mapping[str, int] | None = None) -> list[Conflict]:
+         slots: Mapping[str, int] | None = None, netns: str | None = None) -> list[Conflict]:
     """Every conflict between the intents, each once: a later intent against the first that took the resource.
 
     The interception settings an intent leaves out are its slot's (compiler.allocation): `slots` as the
-    reconciler allocated them against a kernel, else as the inputs alone give them."""
+    reconciler allocated them against a kernel, else as the inputs alone give them; the default cgroup
+    is the one of target namespace `netns` (compiler.allocation.default_cgroup)."""
     if len(loaded) < 2:
         return []
     if slots is None:
@@ -148,7 +149,7 @@ def find(loaded: Sequence[LoadedIntent], backend: str | None = None,
     marks: list[tuple[LoadedIntent, Claim]] = []
     rules: list[tuple[LoadedIntent, int, InterceptionRule, _Match]] = []
     for item in loaded:
-        intent = with_slot(item.intent, slots.get(item.intent.metadata.name, 0))
+        intent = in_target(with_slot(item.intent, slots.get(item.intent.metadata.name, 0)), netns)
         chosen = backend or intent.spec.backend
         mine: set[tuple[str, Hashable]] = set()
         for claim in claims(intent, chosen):
@@ -267,7 +268,7 @@ def _marks(intent: NetworkIntent, backend: str) -> Iterator[Claim]:
 
 def ebpf_cgroup(intent: NetworkIntent) -> str:
     """The cgroup the ebpf backend attaches socket programs to (compiler/ebpf.py's rule)."""
-    return intent.spec.ebpf.cgroup or f"kernform/{intent.metadata.name}"
+    return intent.spec.ebpf.cgroup or default_cgroup(intent.metadata.name, None)
 
 
 def _uses_cgroup(intent: NetworkIntent) -> bool:

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from . import bpf_layout as L
 from . import maglev
+from .allocation import default_cgroup
 from .cidr import Prefix, collapse_in, collapsed_prefixes
 from .ebpf_refusals import refusals
 from .errors import BackendUnavailable
@@ -487,7 +488,7 @@ def _lo() -> tuple[Nexthop, ...]:
 
 # ------------------------------------------------- socket-level programs
 def _cgroup(intent: NetworkIntent) -> str:
-    return intent.spec.ebpf.cgroup or f"kernform/{intent.metadata.name}"
+    return intent.spec.ebpf.cgroup or default_cgroup(intent.metadata.name, None)
 
 
 def _expand_ids(ranges: Iterable[int | str], where: str) -> list[int]:

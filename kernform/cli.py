@@ -35,11 +35,12 @@ def _colour(stream: Any) -> bool:
     return bool(getattr(stream, "isatty", lambda: False)()) and "NO_COLOR" not in os.environ
 
 
-def _compile(loaded: LoadedIntent, backend: str | None, slots: Mapping[str, int] | None = None) -> DesiredState:
+def _compile(loaded: LoadedIntent, backend: str | None, slots: Mapping[str, int] | None = None,
+             netns: str | None = None) -> DesiredState:
     """compile_intent, with what the backend refuses reported like any problem of the file: at FILE:LINE:COL;
     the interception settings it leaves out from its slot (compiler.allocation), slot 0 when none is given."""
     try:
-        return compile_intent(loaded.intent, backend, (slots or {}).get(loaded.intent.metadata.name, 0))
+        return compile_intent(loaded.intent, backend, (slots or {}).get(loaded.intent.metadata.name, 0), netns)
     except BackendUnavailable as exc:
         raise IntentError(loaded.problems_at(exc.findings)) from None
 
@@ -64,13 +65,13 @@ def _slots(loaded: Sequence[LoadedIntent], backend: str | None, target: Target |
 
 
 def _compile_all(loaded: Sequence[LoadedIntent], backend: str | None,
-                 slots: Mapping[str, int] | None = None) -> list[DesiredState]:
+                 slots: Mapping[str, int] | None = None, netns: str | None = None) -> list[DesiredState]:
     """Every intent compiled; what any backend refuses, in any of them, raised at once."""
     compiled: list[DesiredState] = []
     problems = []
     for item in loaded:
         try:
-            compiled.append(_compile(item, backend, slots))
+            compiled.append(_compile(item, backend, slots, netns))
         except IntentError as exc:
             problems += exc.problems
     if problems:
@@ -83,9 +84,9 @@ def _checked(args: argparse.Namespace, loaded: list[LoadedIntent],
     """The inputs compiled, free of conflicts between them, with their slots allocated against `target`;
     raises IntentError otherwise."""
     slots = _slots(loaded, args.backend, target)
-    found = conflicts(loaded, args.backend, slots)
+    found = conflicts(loaded, args.backend, slots, args.netns)
     try:
-        desired = _compile_all(loaded, args.backend, slots)
+        desired = _compile_all(loaded, args.backend, slots, args.netns)
     except IntentError as exc:
         raise IntentError(exc.problems + found) from None  # every problem at once
     if found:
@@ -287,7 +288,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             desired = None
             if loaded is not None:
                 entry["specBackend"] = loaded.intent.spec.backend
-                desired = _compile(loaded, backend, _slots([loaded], backend, target))
+                desired = _compile(loaded, backend, _slots([loaded], backend, target), args.netns)
                 plan, _ = make_plan(target, desired)
                 entry["inSync"] = plan.empty
                 entry["pendingChanges"] = plan.counts()

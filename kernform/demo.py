@@ -94,9 +94,10 @@ def _balanced(m: lab.LabMap, backend: str, host: str, port: int, count: int) -> 
     """tproxy balances traffic forwarded through the gateway; ebpf balances at connect() for processes in
     the intent's cgroup, so with ebpf the demo's clients run on the gateway, inside that cgroup."""
     if backend == "ebpf":
+        from compiler.allocation import default_cgroup
         from reconciler.drivers.bpf import cgroup2_root
 
-        cgroup = str(cgroup2_root() / "kernform" / "edge-gateway")
+        cgroup = str(cgroup2_root() / default_cgroup("edge-gateway", m.gw_ns))
         return _ok(lab.client_get(m, host, port, count=count, ns=m.gw_ns, cgroup=cgroup))
     return _ok(lab.client_get(m, host, port, count=count))
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
-from compiler.allocation import Taken, assign_slots, with_slot
+from compiler.allocation import Taken, assign_slots, in_target, with_slot
 from compiler.conflicts import REASONS, claims, marks_overlap
 from compiler.errors import DocPath, Problem
 from compiler.intent import NetworkIntent
@@ -115,7 +115,8 @@ def applied_conflicts(target: Target, items: Sequence[tuple[LoadedIntent, Desire
                 continue  # itself, or replaced by its new desired state before this one is applied
             if name not in cache:
                 cache[name] = read_applied(target, name)
-            intent = with_slot(loaded.intent, (slots or {}).get(loaded.intent.metadata.name, 0))
+            intent = in_target(with_slot(loaded.intent, (slots or {}).get(loaded.intent.metadata.name, 0)),
+                               target.netns)
             found = _collisions(loaded, intent, desired, cache[name], target.label)
             if name in later:
                 note = (f" (intent {name!r} is also in the inputs, after this one, and still holds it when this one "

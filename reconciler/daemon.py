@@ -667,7 +667,7 @@ class Daemon:
         backend = self.settings.backend
         slots = allocate_slots(target, loaded, backend)
         refused: dict[str, list[Problem]] = {}
-        for conflict in find_conflicts(loaded, backend, slots):
+        for conflict in find_conflicts(loaded, backend, slots, self.settings.netns):
             refused.setdefault(conflict.second.intent.metadata.name, []).append(conflict.problem())
         desired: dict[str, DesiredState] = {}
         for item in loaded:
@@ -675,7 +675,7 @@ class Daemon:
             if name in refused:
                 continue
             try:
-                compiled = compile_intent(item.intent, backend, slots.get(name, 0))
+                compiled = compile_intent(item.intent, backend, slots.get(name, 0), self.settings.netns)
             except BackendUnavailable as exc:
                 # What the backend refuses is the file's to fix: reported like any invalid file, at FILE:LINE:COL.
                 refused[name] = item.problems_at(exc.findings)

@@ -102,7 +102,7 @@ def snapshot(name: str) -> dict[str, Any]:
     state["tc"] = filters
     pins = PIN_ROOT / full(name) / f"netns:{NS}"
     state["pins"] = sorted((str(p.relative_to(pins)), p.stat().st_ino) for p in pins.rglob("*")) if pins.exists() else []
-    cgroup = CGROUP_ROOT / full(name)
+    cgroup = CGROUP_ROOT / f"{full(name)}@{NS}"  # the default cgroup of an intent applied in a namespace
     state["cgroup"] = (sh("bpftool", "-j", "cgroup", "show", str(cgroup), check=False) if cgroup.exists() else None)
     return state
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from compiler import compile_intent
-from compiler.allocation import SLOT_SET, Taken, assign_slots, choose_slot, slot_values, with_slot
+from compiler.allocation import SLOT_SET, Taken, assign_slots, choose_slot, default_cgroup, slot_values, with_slot
 from compiler.loader import parse_text
-from compiler.objects import IpRoute, IpRule, NftElement
+from compiler.objects import BpfProgram, IpRoute, IpRule, NftElement
 from compiler.routing import parse_mark
 
 INBOUND = ("      - {name: in%d, direction: inbound, interfaces: [eth0], destinations: [198.51.100.%d/32], "
@@ -77,3 +77,19 @@ def test_a_recorded_slot_is_kept_while_free_and_taken_slots_are_skipped() -> Non
     assert choose_slot(a, "tproxy", Taken(slots={4}), recorded=4) == 0
     taken = Taken(marks=[(0x4B460000, 0xFFFF0000)])  # a foreign mark range covering every slot's mark
     assert choose_slot(a, "ebpf", taken) == 0  # the ebpf backend uses no mark
+
+
+def test_the_default_cgroup_is_per_target_and_a_written_one_is_kept() -> None:
+    text = ("apiVersion: kernform/v1\nkind: NetworkIntent\nmetadata:\n  name: lb\nspec:\n  loadBalancing:\n"
+            "    services:\n      - {name: w, vip: 10.0.0.1, port: 80, backends: [{address: 10.0.1.1}]}\n")
+    lb = parse_text(text, "lb.yaml").intent
+
+    def cgroups(intent, netns):  # type: ignore[no-untyped-def]
+        programs = [o for o in compile_intent(intent, "ebpf", 0, netns).objects if isinstance(o, BpfProgram)]
+        return {point.split(":")[1] for p in programs for _, point in p.attachments if point.startswith("cgroup:")}
+
+    assert cgroups(lb, None) == {"kernform/lb"}
+    assert cgroups(lb, "pod-a") == {"kernform/lb@pod-a"} and cgroups(lb, "pod-b") == {"kernform/lb@pod-b"}
+    written = parse_text(text.replace("spec:\n", "spec:\n  ebpf: {cgroup: apps}\n"), "lb.yaml").intent
+    assert cgroups(written, "pod-a") == {"apps"}
+    assert default_cgroup("lb", "pod-a") == "kernform/lb@pod-a"
