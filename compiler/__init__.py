@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 
 from .allocation import SLOT_SET, in_target, needs_slot, with_slot
 from .errors import BackendUnavailable
 from .intent import NetworkIntent
-from .objects import DesiredState, KernelObject, NftElement, NftSet, NftTable, begin_compile, digest, shared
+from .objects import (
+    VIP_SETS,
+    DesiredState,
+    KernelObject,
+    NftElement,
+    NftSet,
+    NftTable,
+    begin_compile,
+    digest,
+    nft_table_name,
+    shared,
+)
 
 BACKENDS = ("tproxy", "ebpf")
 __all__ = ["BACKENDS", "BackendUnavailable", "compile_intent"]
@@ -31,16 +43,30 @@ def compile_intent(intent: NetworkIntent, backend: str | None = None, slot: int 
         desired = ebpf_backend.compile_intent(resolved)
     else:
         raise BackendUnavailable(f"unknown backend {chosen!r} (choose one of {', '.join(BACKENDS)})")
-    if not needs_slot(intent):
+    record = _records(resolved, slot if needs_slot(intent) else None)
+    if not record:
         return desired
-    return dataclasses.replace(desired, objects=_with_slot_record(desired.objects, slot))
-
-
-def _with_slot_record(objects: tuple[KernelObject, ...], slot: int) -> tuple[KernelObject, ...]:
-    """The intent's slot as a set of its nft table (both backends keep the table): a fresh process finds it."""
+    objects = desired.objects
     (at,) = (i for i, o in enumerate(objects) if isinstance(o, NftTable))
-    table = objects[at].name  # type: ignore[union-attr]
-    decl = "type mark;"
-    record: list[KernelObject] = [NftSet(table, SLOT_SET, digest(decl), False, decl, "interception slot record"),
-                                  shared(NftElement, table, SLOT_SET, str(slot), None, "interception slot record")]
-    return (*objects[:at + 1], *record, *objects[at + 1:])
+    return dataclasses.replace(desired, objects=(*objects[:at + 1], *record, *objects[at + 1:]))
+
+
+def _records(intent: NetworkIntent, slot: int | None) -> list[KernelObject]:
+    """What other intents' applies must know of this one, as sets of its nft table (both backends keep the
+    table), so a fresh process reads them from the kernel (reconciler.applied): its interception slot, and
+    the VIPs it balances (VIP_SETS: address . protocol . port)."""
+    table = nft_table_name(intent.metadata.name)
+    record: list[KernelObject] = []
+    if slot is not None:
+        decl = "type mark;"
+        record += [NftSet(table, SLOT_SET, digest(decl), False, decl, "interception slot record"),
+                   shared(NftElement, table, SLOT_SET, str(slot), None, "interception slot record")]
+    by_family: dict[int, list[str]] = {}
+    for service in intent.spec.load_balancing.services:
+        address = ipaddress.ip_address(service.vip)
+        by_family.setdefault(address.version, []).append(f"{address.compressed} . {service.protocol} . {service.port}")
+    for family, elements in sorted(by_family.items()):
+        name, decl = VIP_SETS[family]
+        record.append(NftSet(table, name, digest(decl), False, decl, "VIP record"))
+        record += [shared(NftElement, table, name, e, None, "VIP record") for e in sorted(set(elements))]
+    return record

@@ -26,6 +26,9 @@ NFT_FAMILY = "inet"
 # Set in our nft table listing the routing tables this intent owns; the kernel
 # keeps it, so a fresh process can sweep routes of tables that left the intent.
 OWNED_TABLES_SET = "owned_routing_tables"
+# The VIPs an intent balances, recorded in its nft table for other intents' conflict checks (reconciler.applied).
+VIP_SETS = {4: ("claimed_vips4", "typeof ip daddr . meta l4proto . th dport;"),
+            6: ("claimed_vips6", "typeof ip6 daddr . meta l4proto . th dport;")}
 _T = TypeVar("_T")
 
 

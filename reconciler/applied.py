@@ -18,11 +18,14 @@ table `kernform-<name>` or its BPF pin directory, reconciler.status.applied_inte
   (tproxy interception hands marked packets to the proxy that way) against the
   new intent's interception.fwmark (tproxy).
 
+- VIPs: the VIP record of its nft table (compiler.objects.VIP_SETS, both
+  backends) against the new intent's services.
+
 Not checked, because it would need the other intent's desired objects rebuilt
-from nft rules and BPF maps: VIPs, overlapping interception rules, ebpf cgroups
-and tc filter slots (there the BPF driver refuses, at apply time and
-atomically, to replace a filter of another intent at its slot), and a
-routing.rules fwmark selector of the new intent against another's mark.
+from nft rules and BPF maps: overlapping interception rules and ebpf cgroups
+given explicitly (default cgroups are per intent; tc filters have a handle per
+intent), and a routing.rules fwmark selector of the new intent against
+another's mark.
 
 An applied intent that is also in the inputs is compared as it is applied now
 only when it comes later in the input order (it still holds its resources when
@@ -32,15 +35,17 @@ desired state first, which compiler/conflicts.py compares.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from compiler.allocation import Taken, assign_slots, in_target, with_slot
 from compiler.conflicts import REASONS, claims, marks_overlap
 from compiler.errors import DocPath, Problem
 from compiler.intent import NetworkIntent
 from compiler.loader import LoadedIntent
-from compiler.objects import OWNED_TABLES_SET, DesiredState, IpRoute, IpRule, nft_table_name
+from compiler.objects import OWNED_TABLES_SET, VIP_SETS, DesiredState, IpRoute, IpRule, NftElement, nft_table_name
 from compiler.routing import parse_mark
 
 from .observe import Target
@@ -58,6 +63,8 @@ class AppliedClaims:
     rules: tuple[IpRule, ...]
     marks: tuple[IpRule, ...]
     """Its interception rules: fwmark rules looking up a table that holds a local default route."""
+    vips: frozenset[tuple[str, int, str]] = frozenset()
+    """The VIPs it balances (address, port, protocol), from its VIP record (compiler.objects.VIP_SETS)."""
 
 
 def read_applied(target: Target, intent: str) -> AppliedClaims:
@@ -69,7 +76,13 @@ def read_applied(target: Target, intent: str) -> AppliedClaims:
     local = {o.table for o in objects if isinstance(o, IpRoute) and o.type == "local"
              and o.destination in _LOCAL_DEFAULT}
     marks = tuple(r for r in rules if r.fwmark is not None and r.table in local)
-    return AppliedClaims(intent, frozenset(tables), rules, marks)
+    record = {name for name, _ in VIP_SETS.values()}
+    vips = set()
+    for o in observation.objects if observation.exists else ():
+        if isinstance(o, NftElement) and o.set in record:
+            address, protocol, port = o.element.split(" . ")
+            vips.add((address, int(port), protocol))
+    return AppliedClaims(intent, frozenset(tables), rules, marks, frozenset(vips))
 
 
 def allocate_slots(target: Target | None, loaded: Sequence[LoadedIntent], backend: str | None) -> dict[str, int]:
@@ -135,6 +148,14 @@ def _collisions(loaded: LoadedIntent, intent: NetworkIntent, desired: DesiredSta
         index.setdefault((claim.resource, claim.value), (claim.path, claim.label))
     found: list[tuple[DocPath, str]] = []
     owner = f"intent {other.intent!r} applied in {where}"
+    for claim in mine:
+        if claim.resource != "vip":
+            continue
+        address, port, protocol = cast(tuple[str, int, str], claim.value)
+        if (ipaddress.ip_address(address).compressed, port, protocol) in other.vips:
+            found.append((claim.path, (
+                f"{claim.label} conflicts with {owner}, which balances that VIP (recorded in nft table "
+                f"{nft_table_name(other.intent)}): {REASONS['vip']}")))
     for table in sorted(desired.routing_tables & other.tables):
         path, label = index.get(("routing-table", table), (("metadata", "name"), f"routing table {table}"))
         found.append((path, (

@@ -190,3 +190,30 @@ def test_a_directory_is_planned_applied_and_a_conflicting_third_intent_changes_n
         f"b-{PID}", f"a-{PID}"]
     assert "kernform-" not in sh("ip", "netns", "exec", namespace, "nft", "list", "tables")
     assert "proto 158" not in sh("ip", "-n", namespace, "-4", "rule", "show")
+
+
+def service(name: str, vip: str) -> str:
+    return intent(name, f"""  loadBalancing:
+    services:
+      - {{name: web, vip: "{vip}", port: 80, backends: [{{address: "fd09::1:1"}}]}}
+""")
+
+
+@pytest.mark.parametrize("backend", ["tproxy", "ebpf"])
+def test_a_vip_another_applied_intent_balances_is_refused_before_the_kernel(
+        namespace: str, tmp_path: Path, backend: str) -> None:
+    first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
+    first.write_text(service("v1", "fd09::10"))
+    second.write_text(service("v2", "fd09:0::10"))  # the same address, written differently
+    try:
+        result = kernform("apply", "--netns", namespace, "--backend", backend, "--quiet", str(first))
+        assert result.returncode == 0, result.stderr
+        before = kernel_state()
+        result = kernform("apply", "--netns", namespace, "--backend", backend, str(second))
+        assert result.returncode == 1
+        assert result.stderr.startswith(
+            f"{second}:8:21: VIP [fd09::10]:80/tcp of service 'web' conflicts with intent 'v1-{PID}' applied in "
+            f"netns {namespace}, which balances that VIP (recorded in nft table kernform-v1-{PID})"), result.stderr
+        assert kernel_state() == before
+    finally:
+        kernform("destroy", "--netns", namespace, "--intent", f"v1-{PID}")
