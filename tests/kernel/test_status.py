@@ -110,7 +110,7 @@ def applied(request: pytest.FixtureRequest, pair: None, intent_file: Path) -> It
     proxy = traffic.command("tproxy", "--port", str(PROXY_PORT), "--name", "proxy", "--proto", "tcp")
     with lab.background(GW, server, SERVER_PORT), lab.background(GW, proxy, PROXY_PORT), Target(GW) as target:
         try:
-            apply(target, compile_intent(load_file(intent_file).intent, backend))
+            apply(target, compile_intent(load_file(intent_file).intent, backend, netns=GW))  # as the CLI compiles
             send_traffic()
             yield backend
         finally:
@@ -219,6 +219,6 @@ def test_rule_counters_of_a_compile(applied: str, intent_file: Path) -> None:
     """The API tests use: counters of `desired`'s backend, named by the compile."""
     loaded = load_file(intent_file)
     with Target(GW) as target:
-        counted = rule_counters(target, compile_intent(loaded.intent, applied), loaded.intent)
+        counted = rule_counters(target, compile_intent(loaded.intent, applied, netns=GW), loaded.intent)
     assert counted["filtering.input/deny-probe"]["dropped"] > 0, counted
     assert "interception/web-in" in counted and "loadBalancing/web" in counted, counted
