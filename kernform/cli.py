@@ -9,6 +9,7 @@ saying what failed and what was kept.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -104,6 +105,25 @@ def _refuse_applied_conflicts(target: Target, loaded: Sequence[LoadedIntent], de
         raise IntentError(found)
 
 
+def _lock_intents(stack: contextlib.ExitStack, args: argparse.Namespace, names: Sequence[str], kind: str) -> None:
+    """Take the lock of each intent on the target (reconciler.lock), in name order so two runs over
+    overlapping sets cannot deadlock; released when `stack` closes. A run of the CLI waits for another
+    (saying so), unless --no-wait; an intent a `kernform watch` keeps is refused: the daemon would undo it."""
+    from reconciler.lock import RUN_DIR, IntentLock
+
+    for name in sorted(set(names)):
+        def wait(pid: int | None, holder: str, name: str = name) -> bool:
+            if holder == "watch" or args.no_wait:
+                return False
+            who = f"kernform {holder}" + (f" (pid {pid})" if pid else "")
+            print(f"kernform: waiting for {who} to finish with intent {name}...", file=sys.stderr)
+            return True
+
+        lock = IntentLock(RUN_DIR, args.netns, name, kind)
+        lock.acquire(wait)
+        stack.callback(lock.release)
+
+
 def _one_plan_document(args: argparse.Namespace, loaded: Sequence[LoadedIntent]) -> bool:
     """Whether `plan --json` prints a formatVersion 1 plan: one file argument holding one intent, as before
     several inputs existed. A directory, several files, stdin or several documents give formatVersion 2."""
@@ -179,7 +199,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     loaded = load_inputs(args.files)
     several = len(loaded) > 1
     done: list[str] = []
-    with Target(args.netns) as target:
+    with contextlib.ExitStack() as locks, Target(args.netns) as target:
+        _lock_intents(locks, args, [item.intent.metadata.name for item in loaded], "apply")
         loaded, desired, slots = _checked(args, loaded, target)
         # Every refusal before the first intent touches the kernel.
         _refuse_applied_conflicts(target, loaded, desired, slots)
@@ -225,7 +246,8 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     names = [item.intent.metadata.name for item in reversed(load_inputs(args.files))] if args.files else []
     names += [name for name in args.intent or [] if name not in names]
     done: list[str] = []
-    with Target(args.netns) as target:
+    with contextlib.ExitStack() as locks, Target(args.netns) as target:
+        _lock_intents(locks, args, names, "destroy")
         for index, name in enumerate(names):
             try:
                 result = destroy(target, name)
@@ -253,7 +275,7 @@ def _counter_origin(name: str) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from reconciler.apply import make_plan
-    from reconciler.daemon import RUN_DIR
+    from reconciler.lock import RUN_DIR
     from reconciler.observe import Target
     from reconciler.status import applied_backends, applied_intents, counters, format_counters, watch_record
 
@@ -420,6 +442,8 @@ def parser() -> argparse.ArgumentParser:
     with_netns(p)
     p.add_argument("--quiet", "-q", action="store_true", help="do not print the plan")
     p.add_argument("--full", action="store_true", help="list every set element in the plan")
+    p.add_argument("--no-wait", action="store_true",
+                   help="fail instead of waiting while another kernform run changes one of the intents")
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("destroy", help="remove every object the intents own (in reverse input order)")
@@ -427,6 +451,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--intent", metavar="NAME", action="append",
                    help="an intent's metadata.name, instead of (or besides) files; may be repeated")
     with_netns(p)
+    p.add_argument("--no-wait", action="store_true",
+                   help="fail instead of waiting while another kernform run changes one of the intents")
     p.set_defaults(func=cmd_destroy)
 
     p = sub.add_parser("status", help="what is applied, with per-rule counters")

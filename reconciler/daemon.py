@@ -43,8 +43,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -67,6 +65,7 @@ from compiler.objects import DesiredState, count_by_kind, nft_table_name
 from .applied import allocate_slots, applied_conflicts
 from .apply import apply, destroy, make_plan
 from .drivers.events import KernelEvents, WatchScope
+from .lock import RUN_DIR, IntentLock, LockHeld
 from .log import event
 from .metrics import DaemonMetrics
 from .netns import path_of
@@ -76,7 +75,6 @@ from .watchers import INTENT_SUFFIXES, Debouncer, DirectoryWatcher, FileWatcher
 
 log = logging.getLogger("kernform.watch")
 
-RUN_DIR = Path(os.environ.get("KERNFORM_RUN_DIR", "/run/kernform"))
 ACTIONS_LOGGED = 50
 START_QUIET = 0.1  # seconds: a file changed more recently than this at start may still be being written
 
@@ -94,54 +92,6 @@ class WatchSettings:
     retry_min: float = 0.5
     retry_max: float = 30.0
     prune: bool = False  # a directory's intent whose file or document is gone is destroyed (else left in place)
-
-
-class LockHeld(KernformError):
-    """Another daemon already manages this intent in this namespace: stop one of them."""
-
-
-class IntentLock:
-    """An exclusive flock on /run/kernform/<target>-<intent>.lock, held for the daemon's life."""
-
-    def __init__(self, run_dir: Path, netns: str | None, intent: str) -> None:
-        self.path = run_dir / f"{netns or 'host'}-{intent}.lock"
-        self.intent = intent
-        self._fd: int | None = None
-        self._published: dict[str, Any] | None = None
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = ""
-            with contextlib.suppress(OSError, ValueError):
-                holder = f" (pid {int(os.pread(fd, 32, 0).decode().strip())})"
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise LockHeld(f"another kernform watch{holder} already manages intent {self.intent} "
-                               f"on this target (lock {self.path})") from None
-            raise KernelError(f"cannot lock {self.path}: {exc.strerror}") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
-
-    def publish(self, record: dict[str, Any]) -> None:
-        """Write the daemon's view of the intent to <lock>.status when it changed (atomically)."""
-        if record == self._published:
-            return
-        status = self.path.with_suffix(".status")
-        with contextlib.suppress(OSError):
-            temporary = status.with_suffix(".status.tmp")
-            temporary.write_text(json.dumps({**record, "updated": time.time()}) + "\n")
-            os.replace(temporary, status)
-            self._published = record
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock; the file stays (unlinking it races with others)
-            self._fd = None
 
 
 def _name_this_thread(name: str) -> None:
@@ -735,8 +685,17 @@ class Daemon:
     def _lock(self, intent: str) -> None:
         if intent in self._locks:
             return
-        lock = IntentLock(self.settings.run_dir, self.settings.netns, intent)
-        lock.acquire()
+        lock = IntentLock(self.settings.run_dir, self.settings.netns, intent, "watch")
+
+        def wait(pid: int | None, kind: str) -> bool:
+            # A CLI run is short: wait for it. Another daemon is not: refuse (LockHeld).
+            if kind != "watch":
+                who = f"kernform {kind}" + (f" (pid {pid})" if pid else "")
+                event(log, logging.INFO, f"waiting for {who} to finish with intent {intent}",
+                      intent=intent, lock="waiting")
+            return kind != "watch"
+
+        lock.acquire(wait)
         if self._locks and not self._directory:
             event(log, logging.WARNING,
                   f"the intent's name changed to {intent}; the state of {', '.join(self._locks)} stays in the "

@@ -57,7 +57,8 @@ if TYPE_CHECKING:
     from compiler.intent import NetworkIntent
 
     from .drivers.nft import NftObservation
-    from .observe import ObservedState, Target
+from .lock import lock_path
+from .observe import ObservedState, Target
 
 SECTIONS = ("interception", "loadBalancing", "filtering", "other")
 DIRECTIONS = ("input", "forward", "output")
@@ -92,7 +93,7 @@ def applied_backends(observed: ObservedState) -> tuple[str, ...]:
 def watch_record(run_dir: Path, netns: str | None, intent: str) -> dict[str, Any] | None:
     """What a running `kernform watch` says of `intent` in the target (reconciler.daemon publishes it next to
     the intent's lock), or None when no daemon holds the lock: a record left by a daemon that is gone is stale."""
-    lock = run_dir / f"{netns or 'host'}-{intent}.lock"
+    lock = lock_path(run_dir, netns, intent)
     try:
         fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -101,8 +102,11 @@ def watch_record(run_dir: Path, netns: str | None, intent: str) -> dict[str, Any
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
-            pass  # held: a daemon watches the intent
+            pass  # held: by a daemon, or by a CLI run at this moment
         else:
+            return None
+        words = os.pread(fd, 64, 0).decode(errors="replace").split()
+        if len(words) > 1 and words[1] != "watch":
             return None
         try:
             record = json.loads(lock.with_suffix(".status").read_text())
