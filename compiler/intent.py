@@ -29,7 +29,11 @@ def _to_camel(name: str) -> str:
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, alias_generator=_to_camel)
+    # strict: a value has the type it is written with (YAML 1.2, see compiler.yaml12): no bool where a number
+    # is meant (`port: true` is not port 1), no number or string where a bool is (`stateful: "yes"`), no
+    # string where a number is, except where the language defines one (port ranges, marks, id ranges).
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, alias_generator=_to_camel,
+                              strict=True)
 
 
 def _check_cidr(value: str) -> str:
@@ -58,12 +62,13 @@ def _check_address(value: str) -> str:
 _ADDRESSES: dict[str, str] = {}
 
 
-_PORT_RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+# ASCII digits only (\d would take other scripts' digits), at most 10 of them, nothing around.
+_PORT_RANGE = re.compile(r"([0-9]{1,10})(?:-([0-9]{1,10}))?")
 
 
 def parse_port_range(value: int | str) -> tuple[int, int]:
     """`80` or `"8000-8100"` to an inclusive (low, high) pair, checked to lie in 1..65535."""
-    match = _PORT_RANGE.match(str(value).strip())
+    match = _PORT_RANGE.fullmatch(str(value))
     if not match:
         raise ValueError(f'invalid port or port range {value!r} (expected 80 or "8000-8100")')
     low = int(match.group(1))
@@ -81,15 +86,18 @@ def _check_port_spec(value: int | str) -> int | str:
     return low if low == high else f"{low}-{high}"
 
 
+# A mark or mask: hexadecimal, or decimal without leading zeros; no sign, spaces or '_'.
+_MARK_NUMBER = r"(0x[0-9a-fA-F]{1,8}|0|[1-9][0-9]{0,9})"
+_MARK = re.compile(rf"{_MARK_NUMBER}(?:/{_MARK_NUMBER})?")
+
+
 def _check_mark(value: int | str) -> str:
     """A firewall mark, optionally masked: 0x10, 16, "0x10/0xff". Canonical "0xVALUE/0xMASK"."""
-    text = str(value)
-    mark_text, _, mask_text = text.partition("/")
-    try:
-        mark = int(mark_text, 0)
-        mask = int(mask_text, 0) if mask_text else 0xFFFFFFFF
-    except ValueError:
-        raise ValueError(f'invalid mark {value!r} (expected 0x10 or "0x10/0xff")') from None
+    match = _MARK.fullmatch(str(value))
+    if match is None:
+        raise ValueError(f'invalid mark {value!r} (expected 0x10 or "0x10/0xff")')
+    mark = int(match[1], 0)
+    mask = int(match[2], 0) if match[2] else 0xFFFFFFFF
     if not (0 < mark <= 0xFFFFFFFF and 0 < mask <= 0xFFFFFFFF):
         raise ValueError(f"mark {value!r} must be 1..0xffffffff")
     if mark & ~mask:
@@ -97,13 +105,15 @@ def _check_mark(value: int | str) -> str:
     return f"{mark:#x}/{mask:#x}"
 
 
+_ID_RANGE = re.compile(r"([0-9]{1,10})(?:-([0-9]{1,10}))?")
+
+
 def _check_id_range(value: int | str) -> str:
-    low, _, high = str(value).partition("-")
-    try:
-        lo, hi = int(low), int(high or low)
-    except ValueError:
-        raise ValueError(f'invalid id range {value!r} (expected 1000 or "1000-1999")') from None
-    if lo < 0 or hi < lo or hi > 0xFFFFFFFE:
+    match = _ID_RANGE.fullmatch(str(value))
+    if match is None:
+        raise ValueError(f'invalid id range {value!r} (expected 1000 or "1000-1999")')
+    lo, hi = int(match[1]), int(match[2] or match[1])
+    if hi < lo or hi > 0xFFFFFFFE:
         raise ValueError(f"invalid id range {value!r}")
     return f"{lo}-{hi}"
 
@@ -283,14 +293,19 @@ class Routing(_Model):
 
 
 # -------------------------------------------------------------------- filtering
+# Both backends hold rate and burst in 32 bits (nft's burst, the ebpf rule descriptor).
+U32_MAX = 0xFFFFFFFF
+
+
 class RateLimit(_Model):
     rate: int = Field(
         ge=1,
+        le=U32_MAX,
         description="what each source address may send per `per`: new connections in a stateful chain "
         "(packets of established connections pass before the rules), packets in a stateless one",
     )
     per: Literal["second", "minute"] = "second"
-    burst: int = Field(default=5, ge=1)
+    burst: int = Field(default=5, ge=1, le=U32_MAX)
 
 
 class FilterRule(_Model):

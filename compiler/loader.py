@@ -2,12 +2,16 @@
 
 Every problem in a file is reported at once, each as FILE:LINE:COL, and
 nothing downstream (the compiler, let alone the kernel) runs before the whole
-intent is valid. ruamel.yaml keeps the line and column of every key and item;
-errors from jsonschema and pydantic carry paths, which are mapped back here.
+intent is valid. Every path reads YAML one way, YAML 1.2's core schema
+(compiler.yaml12): valid files through libyaml's C loader (compiler.fastyaml),
+files with a problem through libyaml's events, which keep the line and column
+of every key and item; errors from jsonschema and pydantic carry paths, which
+are mapped back here.
 
 A command may be given many intents (load_inputs): files, directories of
 them, stdin, and files of several `---`-separated documents, each document
-parsed on its own with its lines counted in the whole file.
+parsed on its own with its lines counted in the whole file. A file holds at
+most MAX_FILE_BYTES.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path as FsPath
@@ -26,18 +30,21 @@ from typing import Any
 import jsonschema
 import yaml
 from pydantic import ValidationError
-from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap, CommentedSeq
-from ruamel.yaml.constructor import DuplicateKeyError
-from ruamel.yaml.error import MarkedYAMLError
 
-from . import fastyaml, semantics
+from . import fastyaml, semantics, yaml12
 from .errors import IntentError, Problem
 from .intent import NetworkIntent
+from .yaml12 import Positions
+
+__all__ = ["LoadedIntent", "Positions", "collect_inputs", "load_file", "load_inputs", "parse_text", "read_intent_bytes"]
 
 SCHEMA_PATH = FsPath(__file__).resolve().parent.parent / "schemas" / "intent.schema.json"
+# Far above any real intent (a 10,000-CIDR blocklist is 233 KB), far below what exhausts a host.
+MAX_FILE_BYTES = 16 * 1024 * 1024
 
 DocPath = tuple[str | int, ...]
+# The fast path's loader (tests compare compiler.fastyaml with yaml.load through it).
+_FastLoader = yaml12.StrictLoader
 
 
 @lru_cache(maxsize=1)
@@ -47,47 +54,6 @@ def _validator() -> jsonschema.protocols.Validator:
     # The committed file is what editors see; a test keeps it equal to intent_schema().
     schema = intent_schema()
     return jsonschema.Draft202012Validator(schema)
-
-
-@dataclass(frozen=True)
-class Positions:
-    """Where each node of a document was written, for error messages."""
-
-    root: Any
-
-    def locate(self, path: DocPath) -> tuple[int, int]:
-        """1-based (line, column) of the deepest node along `path` that exists."""
-        node = self.root
-        line, column = 1, 1
-        for step in path:
-            if isinstance(node, CommentedMap) and step in node:
-                line, column = node.lc.key(step)
-                line, column = line + 1, column + 1
-                node = node[step]
-            elif isinstance(node, CommentedSeq) and isinstance(step, int) and 0 <= step < len(node):
-                line, column = node.lc.item(step)
-                line, column = line + 1, column + 1
-                node = node[step]
-            else:
-                break
-        return line, column
-
-
-def _plain(node: Any) -> Any:
-    """ruamel's round-trip types to plain dicts/lists/scalars, for jsonschema and pydantic."""
-    if isinstance(node, dict):
-        return {str(k): _plain(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_plain(v) for v in node]
-    if isinstance(node, bool) or node is None:
-        return node
-    if isinstance(node, int):
-        return int(node)
-    if isinstance(node, float):
-        return float(node)
-    if isinstance(node, str):
-        return str(node)
-    return node
 
 
 @dataclass(frozen=True)
@@ -116,28 +82,17 @@ class LoadedIntent:
     def _positions(self) -> Positions:
         # Computed on error paths only (see problems_at); cached_property writes the instance's
         # __dict__ directly, which a frozen dataclass allows.
-        try:
-            return Positions(YAML(typ="rt").load(self.text))
-        except MarkedYAMLError:
-            return Positions(None)
-
-
-class _FastLoader(yaml.CSafeLoader if hasattr(yaml, "CSafeLoader") else yaml.SafeLoader):  # type: ignore[misc]
-    """libyaml's C parser, refusing duplicate keys like the round-trip loader does."""
-
-    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
-        keys = [self.construct_object(key_node, deep=deep) for key_node, _ in node.value]
-        if len(set(map(str, keys))) != len(keys):
-            raise yaml.constructor.ConstructorError(None, None, "duplicate key", node.start_mark)
-        return super().construct_mapping(node, deep=deep)
+        return yaml12.read(self.text).positions
 
 
 def _fast_document(text: str) -> Any:
-    """The document as plain data, or None when the slow path must explain what is wrong."""
+    """The document as plain data, or None when the error path must read it (or explain what is wrong)."""
+    if not yaml12.fits_fast_path(text):
+        return None
     try:
-        # Exactly yaml.load(text, Loader=_FastLoader), without parsing long lists item by item.
-        return fastyaml.load(text, _FastLoader)
-    except yaml.YAMLError:
+        # Exactly yaml.load(text, Loader=StrictLoader), without parsing long lists item by item.
+        return fastyaml.load(text, yaml12.StrictLoader)
+    except Exception:  # noqa: BLE001 - whatever it is, the error path reads the file and says what is wrong
         return None
 
 
@@ -145,50 +100,65 @@ def parse_text(text: str, filename: str) -> LoadedIntent:
     """Parse and check an intent given as text; raises IntentError with every problem found.
 
     Valid files take a fast path (libyaml, no positions): that is what a daemon
-    reloading a 10,000-element intent needs. Only when something is wrong is
-    the file parsed again with ruamel.yaml, which keeps every line and column.
+    reloading a 10,000-element intent needs. Only when something is wrong (or
+    the file uses anchors, tags or directives) is the file read again event by
+    event, keeping every line and column. Both read YAML 1.2 (compiler.yaml12).
     """
+    if len(text) > MAX_FILE_BYTES:
+        raise IntentError([Problem(filename, 1, 1, _too_large("characters"))])
     document = _fast_document(text)
+    invalid: ValidationError | None = None
     if isinstance(document, dict):
         # The models are stricter than the schema generated from them, so a
         # document they accept needs no schema pass; the schema only serves to
         # place errors, on the slow path.
         try:
             intent = NetworkIntent.model_validate(document)
-        except ValidationError:
-            pass
+        except ValidationError as exc:
+            # The error path reads the same data (compiler.yaml12): what the models found stands.
+            invalid = exc
         else:
             if not semantics.check(intent):
                 return LoadedIntent(intent=intent, path=filename, text=text)
-    return _parse_with_positions(text, filename)
+    return _parse_with_positions(text, filename, invalid)
 
 
-def _parse_with_positions(text: str, filename: str) -> LoadedIntent:
-    round_trip = YAML(typ="rt")
-    try:
-        root = round_trip.load(text)
-    except DuplicateKeyError as exc:
-        mark = exc.problem_mark
-        raise IntentError([Problem(filename, mark.line + 1, mark.column + 1, _yaml_message(exc))]) from None
-    except MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        raise IntentError([Problem(filename, line, column, f"YAML syntax: {_yaml_message(exc)}")]) from None
-    if root is None:
+def _too_large(unit: str) -> str:
+    return (f"the file holds more than {MAX_FILE_BYTES} {unit} (16 MiB), more than any intent needs: "
+            "is it the right file?")
+
+
+def _parse_with_positions(text: str, filename: str, invalid: ValidationError | None = None) -> LoadedIntent:
+    """The error path: the text read with positions (compiler.yaml12), then the models, the schema and the
+    semantics, every problem at its FILE:LINE:COL. `invalid` is what the models said of the same document on
+    the fast path, if they saw it."""
+    reading = yaml12.read(text)
+    if reading.problems:
+        raise IntentError(_dedupe([Problem(filename, line, column, _shorten(message))
+                                   for line, column, message in reading.problems]))
+    if reading.document is None:
         raise IntentError([Problem(filename, 1, 1, "the file is empty: expected a NetworkIntent document")])
-    positions = Positions(root)
-    document = _plain(root)
+    positions = reading.positions
+    document = reading.document
 
     def at(path: DocPath, message: str) -> Problem:
         line, column = positions.locate(path)
-        return Problem(filename, line, column, message)
+        return Problem(filename, line, column, _shorten(message))
 
-    problems = [at(_schema_path(e), _schema_message(e)) for e in _validator().iter_errors(document)]
-    try:
-        intent = NetworkIntent.model_validate(document)
-    except ValidationError as exc:
-        # With schema errors present, add only what the schema cannot see (CIDRs, marks, port ranges).
-        errors = exc.errors()
+    if invalid is None:
+        try:
+            intent = NetworkIntent.model_validate(document)
+        except ValidationError as exc:
+            invalid = exc
+    if invalid is not None:
+        errors = invalid.errors()
+        # The schema explains shapes (a missing field, a wrong type) better than the models do, and sees no
+        # more than they do: it is asked only when the models found more than bad values (CIDRs, marks,
+        # port ranges), which it cannot see. A 10 MB blocklist with one bad CIDR skips it.
+        problems = []
+        if any(err["type"] != "value_error" for err in errors):
+            problems = [at(_schema_path(e), _schema_message(e))
+                        for e in _schema_errors(_validator().iter_errors(document))]
         # A union (a CIDR or "default") fails once per member; the value error is the one that explains.
         explained = {_doc_path(e["loc"]) for e in errors if e["type"] == "value_error"}
         problems += [
@@ -197,25 +167,41 @@ def _parse_with_positions(text: str, filename: str) -> LoadedIntent:
             if (not problems or err["type"] == "value_error")
             and (err["type"] == "value_error" or _doc_path(err["loc"]) not in explained)
         ]
-        raise IntentError(_dedupe(problems)) from None
-    if problems:
         raise IntentError(_dedupe(problems))
     findings = semantics.check(intent)
     if findings:
-        raise IntentError(_dedupe([at(path, message) for path, message in findings]))
+        raise IntentError(_dedupe([at(path, _related(message, filename, positions)) for path, message in findings]))
     return LoadedIntent(intent=intent, path=filename, text=text)
+
+
+def _related(message: str, filename: str, positions: Positions) -> str:
+    """A finding's message with the other nodes it names (semantics.Related) at FILE:LINE:COL."""
+    if not isinstance(message, semantics.Related):
+        return message
+    return message.template.format(*(f"{filename}:{line}:{column}"
+                                     for line, column in map(positions.locate, message.paths)))
 
 
 def load_file(path: str | FsPath) -> LoadedIntent:
     """Read and check an intent file."""
     name = str(path)
-    try:
-        text = FsPath(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise IntentError([Problem(name, 1, 1, f"cannot read the file: {exc.strerror or exc}")]) from None
-    except UnicodeDecodeError as exc:
-        raise IntentError([Problem(name, 1, 1, f"the file is not UTF-8 text: {exc.reason}")]) from None
-    return parse_text(text, name)
+    return parse_text(_read_file(name), name)
+
+
+def read_intent_bytes(path: str) -> bytes:
+    """The file's bytes, at most MAX_FILE_BYTES + 1 of them: a file that holds more (a link to /dev/zero) is read
+    no further, and parse_text refuses its text as too large. Raises OSError."""
+    with open(path, "rb") as stream:
+        return stream.read(MAX_FILE_BYTES + 1)
+
+
+def _read_bounded(path: str) -> str:
+    """The file's text, refused beyond MAX_FILE_BYTES without reading further."""
+    data = read_intent_bytes(path)
+    if len(data) > MAX_FILE_BYTES:
+        raise IntentError([Problem(path, 1, 1, _too_large("bytes"))])
+    # Line ends as a text-mode read gives them (universal newlines).
+    return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
 
 
 # ------------------------------------------------------------------ many intents
@@ -226,7 +212,7 @@ INTENT_SUFFIXES = (".yaml", ".yml")
 # A line holding a document marker (`---` or `...`): only then can a file hold several documents. YAML
 # forbids these at the start of a line inside any scalar, so the test has no false negatives.
 _MARKER = re.compile(r"(?:^|[\r\n\x85\u2028\u2029])(?:---|\.\.\.)(?=[ \t\r\n\x85\u2028\u2029]|$)")
-# The line breaks libyaml and ruamel.yaml count lines by.
+# The line breaks libyaml counts lines by.
 _BREAK = re.compile(r"\r\n|[\r\n\x85\u2028\u2029]")
 
 
@@ -318,8 +304,12 @@ def _read(name: str, stdin: Callable[[], str]) -> tuple[str, str]:
             return STDIN_NAME, stdin()
         except (OSError, UnicodeDecodeError) as exc:
             raise IntentError([Problem(STDIN_NAME, 1, 1, f"cannot read stdin: {exc}")]) from None
+    return name, _read_file(name)
+
+
+def _read_file(name: str) -> str:
     try:
-        return name, FsPath(name).read_text(encoding="utf-8")
+        return _read_bounded(name)
     except OSError as exc:
         raise IntentError([Problem(name, 1, 1, f"cannot read the file: {exc.strerror or exc}")]) from None
     except UnicodeDecodeError as exc:
@@ -335,7 +325,7 @@ def collect_inputs(paths: Sequence[str], stdin: Callable[[], str] | None = None
     lines counted in the whole file. Two intents with the same metadata.name are a problem at the
     second naming the first: the name is what owns kernel objects (the nft table kernform-<name>).
     Pure apart from reading the inputs."""
-    read_stdin = stdin if stdin is not None else sys.stdin.read
+    read_stdin = stdin if stdin is not None else functools.partial(sys.stdin.read, MAX_FILE_BYTES + 1)
     loaded: list[LoadedIntent] = []
     problems: list[Problem] = []
     for item in expand_inputs(paths):
@@ -380,9 +370,31 @@ def _dedupe(problems: list[Problem]) -> list[Problem]:
     return list(dict.fromkeys(problems))
 
 
-def _yaml_message(exc: MarkedYAMLError) -> str:
-    parts = [p for p in (exc.context, exc.problem) if p]
-    return "; ".join(parts).replace("\n", " ") or "invalid YAML"
+def _shorten(message: str, limit: int = 400) -> str:
+    """A message that quotes a huge value (a 10 MB string) quotes its start and its end."""
+    if len(message) <= limit:
+        return message
+    return f"{message[:limit // 2]} ... {message[-limit // 2:]}"
+
+
+def _schema_errors(errors: Iterable[jsonschema.ValidationError]) -> Iterator[jsonschema.ValidationError]:
+    """The errors, each union (`FilterChain | null`, `int | str`) that failed replaced by the errors of its one
+    member of the value's type, when there is one: `stateful: "yes"` is wrong in `input.stateful`, not in
+    `input`."""
+    for error in errors:
+        if error.validator not in ("anyOf", "oneOf") or not error.context:
+            yield error
+            continue
+        by_member: dict[Any, list[jsonschema.ValidationError]] = {}
+        for sub in error.context:
+            by_member.setdefault(sub.relative_schema_path[0], []).append(sub)
+        # A member the value is not even of the type of has one error, on `type`, at the value itself.
+        fitting = [subs for subs in by_member.values()
+                   if not (len(subs) == 1 and subs[0].validator == "type" and not subs[0].relative_path)]
+        if len(fitting) == 1:
+            yield from _schema_errors(fitting[0])
+        else:
+            yield error
 
 
 def _schema_path(error: jsonschema.ValidationError) -> DocPath:
@@ -401,7 +413,7 @@ def _schema_message(error: jsonschema.ValidationError) -> str:
         return f"{where}: {error.message}"
     if error.validator in ("anyOf", "oneOf") and error.context:
         reasons = sorted({c.message for c in error.context})
-        return f"{where}: {json.dumps(error.instance)} is not valid here ({'; '.join(reasons[:3])})"
+        return f"{where}: {_shorten(json.dumps(error.instance), 120)} is not valid here ({'; '.join(reasons[:3])})"
     return f"{where}: {error.message}"
 
 

@@ -10,12 +10,32 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Iterator
 
+from .errors import dotted
 from .intent import NetworkIntent, Route
+from .objects import canonical_metric
+from .routing import _policy_rule, route_destination
 
 Path = tuple[str | int, ...]
 Finding = tuple[Path, str]
 
 RESERVED_TABLES = {253: "default", 254: "main", 255: "local"}
+
+
+class Related(str):
+    """A finding's message that names other nodes of the intent (the first of two that clash).
+
+    As a str it names them by document path; the loader, which knows where they
+    were written, renders `template` with their FILE:LINE:COL instead.
+    """
+
+    template: str
+    paths: tuple[Path, ...]
+
+    def __new__(cls, template: str, *paths: Path) -> Related:
+        message = super().__new__(cls, template.format(*map(dotted, paths)))
+        message.template = template
+        message.paths = paths
+        return message
 
 
 def _family(text: str) -> int:
@@ -82,6 +102,13 @@ def _check_interception(intent: NetworkIntent) -> Iterator[Finding]:
                     (*here, "sources"),
                     "sources and destinations share no address family: the rule can never match",
                 )
+    if section.routing_table in RESERVED_TABLES:
+        yield (
+            ("spec", "interception", "routingTable"),
+            f"table {section.routing_table} is the system's {RESERVED_TABLES[section.routing_table]!r} table, "
+            "which kernform never owns; choose another id, or leave routingTable out (the intent then gets "
+            "one of its own)",
+        )
     for t_index, table in enumerate(intent.spec.routing.tables):
         if section.rules and table.id == section.routing_table:
             yield (
@@ -172,17 +199,21 @@ def _check_routing(intent: NetworkIntent) -> Iterator[Finding]:
                 f"table id {table.id} is already used by table {ids[table.id]!r}",
             )
         ids.setdefault(table.id, table.name)
-        destinations: set[tuple[str, int]] = set()
+        destinations: dict[tuple[str, int], Path] = {}
         for r_index, route in enumerate(table.routes):
             here = (*tables_base, index, "routes", r_index)
             yield from _check_route(route, here)
-            key = (route.to, route.metric)
-            if key in destinations:
-                yield (
-                    (*here, "to"),
-                    f"route to {route.to} (metric {route.metric}) appears twice in table {table.name!r}",
+            # The route's kernel key: 'default' is 0.0.0.0/0, and IPv6 stores metric 0 as 1024.
+            family, prefix = route_destination(route)
+            key = (prefix, canonical_metric(family, route.metric))
+            first = destinations.setdefault(key, (*here, "to"))
+            if first != (*here, "to"):
+                yield (*here, "to"), Related(
+                    f"route to {route.to} (metric {route.metric}) is the same kernel route as the one at {{0}} "
+                    f"(table {table.id} {prefix} metric {key[1]}): a table holds one route per destination and "
+                    "metric; remove one, or give it another metric",
+                    first,
                 )
-            destinations.add(key)
     names = {t.name for t in routing.tables}
     rules_base: Path = ("spec", "routing", "rules")
     yield from _duplicates((r.name for r in routing.rules), rules_base, "policy rule")
@@ -201,6 +232,32 @@ def _check_routing(intent: NetworkIntent) -> Iterator[Finding]:
             yield (*here, "family"), f"family {rule.family} contradicts from/to"
         if (rule.ports or rule.source_ports) and not rule.protocol:
             yield (*here, "ports"), "ports need a protocol (tcp or udp)"
+    yield from _same_policy_rules(intent)
+
+
+def _same_policy_rules(intent: NetworkIntent) -> Iterator[Finding]:
+    """Two policy rules that lower to the same kernel rule (every selector, priority and table equal)."""
+    routing = intent.spec.routing
+    table_ids = {t.name: t.id for t in routing.tables}
+    rules_base: Path = ("spec", "routing", "rules")
+    seen: dict[object, int] = {}
+    for index, rule in enumerate(routing.rules):
+        if rule.table not in table_ids:
+            continue
+        try:
+            lowered = _policy_rule(rule, table_ids[rule.table])
+        except ValueError:
+            continue  # what is wrong with the rule itself is reported where it is
+        for kernel_rule in lowered:
+            first = seen.setdefault(kernel_rule.key, index)
+            if first != index:
+                yield (*rules_base, index, "name"), Related(
+                    f"policy rule {rule.name!r} is the same kernel rule as policy rule "
+                    f"{routing.rules[first].name!r} at {{0}} ({kernel_rule.describe()}); remove one, or make "
+                    "them differ (another priority or selector)",
+                    (*rules_base, first, "name"),
+                )
+                break
 
 
 def _check_filtering(intent: NetworkIntent) -> Iterator[Finding]:

@@ -195,7 +195,7 @@ def test_all_examples_together_are_disjoint() -> None:
 def test_an_intent_never_conflicts_with_itself() -> None:
     text = intent("a", inbound(15001) + "      - {name: again, direction: inbound, interfaces: [eth0], proxyPort: 15002}\n"
                   + "  routing:\n    tables:\n      - {name: t, id: 200}\n"
-                  "    rules:\n      - {name: r, priority: 1000, table: t}\n      - {name: s, priority: 1000, table: t}\n")
+                  "    rules:\n      - {name: r, priority: 1000, table: t}\n      - {name: s, priority: 1000, table: t, iif: eth1}\n")
     assert found(text, intent("z", "")) == []
 
 

@@ -155,6 +155,16 @@ CASES = {
     "document end": f"k: {FLOW}\n...\n",
     "crlf": f"k: {WRAPPED}\nj:\n{BLOCK}".replace("\n", "\r\n"),
     "placeholder-like text": f"k: {FLOW}\nj: __kf_splice_\n",
+    # Hexadecimal is text in a mark (the value of fwmark, an item of marks) and refused elsewhere: a context
+    # that a run's items do not carry, so the result must not depend on how they are batched.
+    "hex marks": "marks: [" + ", ".join(f"{i:#x}" for i in range(1, 41)) + "]\n",
+    "hex marks, block": "marks:\n" + "".join(f"  - {i:#x}\n" for i in range(1, 41)),
+    "hex outside marks": "ports: [" + ", ".join(f"{i:#x}" for i in range(1, 41)) + "]\n",
+    "hex fwmark items": "k:\n" + "".join(f"  - {{fwmark: {i:#x}, b: x}}\n" for i in range(40)),
+    "hex fwmark block items": "k:\n" + "".join(f"  - fwmark: {i:#x}\n    b: x\n" for i in range(40)),
+    "hex in another key": "k:\n" + "".join(f"  - {{mark: {i:#x}, b: x}}\n" for i in range(40)),
+    "yaml 1.2 words": "k: [" + ", ".join(["true", "False", "TRUE", "null", "Null", "~", ".inf", "-.Inf", ".NaN",
+                                           "1.5", "-0", "+7", "1.", ".5", "1.5e+3"] * 3) + "]\n",
     "empty": "",
     "comment only": "# nothing\n",
 }
