@@ -59,7 +59,7 @@ from typing import Any
 from compiler import compile_intent
 from compiler.conflicts import find as find_conflicts
 from compiler.errors import ApplyError, BackendUnavailable, IntentError, KernelError, KernformError, Problem
-from compiler.loader import LoadedIntent, parse_text, split_documents
+from compiler.loader import MAX_FILE_BYTES, LoadedIntent, parse_text, read_intent_bytes, split_documents
 from compiler.objects import DesiredState, count_by_kind, nft_table_name
 
 from .applied import allocate_slots, applied_conflicts
@@ -549,7 +549,7 @@ class Daemon:
         """The file as it is now, parsed again only when its bytes changed."""
         previous = self._sources.get(path)
         try:
-            data = Path(path).read_bytes()
+            data = read_intent_bytes(path)  # bounded: a link to /dev/zero is not read forever
         except FileNotFoundError:
             source = _Source(None, previous.intents if previous else (), (
                 f"{path} does not exist; the kernel keeps the last applied state "
@@ -565,6 +565,9 @@ class Daemon:
         if previous is not None and previous.digest == digest:
             return previous
         try:
+            if len(data) > MAX_FILE_BYTES:
+                raise IntentError([Problem(path, 1, 1, f"the file is larger than {MAX_FILE_BYTES} bytes: refused "
+                                                       "unread")])
             try:
                 text = data.decode("utf-8")
             except UnicodeDecodeError as exc:
