@@ -186,9 +186,26 @@ def _interception(intent: NetworkIntent) -> Iterator[Finding]:
                         f"{MAX_ID_RANGE} per range, and {_id_text(low, high)} holds {high - low + 1}; exclude "
                         "narrower ranges (the proxy's own uid or gid), or use the tproxy backend",
                     )
+    yield from _inbound_tables(intent)
     yield from _outbound_exclusions([(i, r) for i, r in rules if r.direction == "outbound"])
     for direction, program in (("inbound", "sk_lookup"), ("outbound", "cgroup connect")):
         yield from _intercept_descriptors([(i, r) for i, r in rules if r.direction == direction], direction, program)
+
+
+def _inbound_tables(intent: NetworkIntent) -> Iterator[Finding]:
+    """The ebpf backend gives each inbound rule its own routing table, interception.routingTable + its index
+    among the inbound rules (semantics.py checks routingTable itself against routing.tables)."""
+    section = intent.spec.interception
+    inbound = [r for r in section.rules if r.direction == "inbound"]
+    taken = {section.routing_table + offset: rule for offset, rule in enumerate(inbound) if offset}
+    for index, table in enumerate(intent.spec.routing.tables):
+        if table.id in taken:
+            yield (
+                ("spec", "routing", "tables", index, "id"),
+                f"routing table {table.id} ({table.name!r}) is the table the ebpf backend gives inbound interception "
+                f"rule {taken[table.id].name!r} (interception.routingTable {section.routing_table} + its index "
+                "among the inbound rules); give the table another id, or move interception.routingTable",
+            )
 
 
 def _outbound_exclusions(outbound: Sequence[tuple[int, InterceptionRule]]) -> Iterator[Finding]:

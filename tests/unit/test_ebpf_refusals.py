@@ -222,3 +222,18 @@ def test_validate_as_a_process_exits_1_without_a_traceback(tmp_path: Path) -> No
     assert "Traceback" not in done.stderr
     lines = done.stderr.splitlines()
     assert len(lines) == 3 and all(line.startswith(f"{path}:") and "ebpf backend" in line for line in lines)
+
+
+def test_a_user_table_at_an_inbound_rules_table_is_refused() -> None:
+    text = ("apiVersion: kernform/v1\nkind: NetworkIntent\nmetadata: {name: e}\nspec:\n  interception:\n"
+            "    routingTable: 7100\n    rules:\n"
+            "      - {name: a, direction: inbound, interfaces: [eth0], proxyPort: 15001}\n"
+            "      - {name: b, direction: inbound, interfaces: [eth1], proxyPort: 15002}\n"
+            "  routing:\n    tables:\n      - {name: u, id: 7101}\n")
+    loaded = parse_text(text, "e.yaml")
+    with pytest.raises(BackendUnavailable) as refused:
+        compile_intent(loaded.intent, "ebpf")
+    (problem,) = loaded.problems_at(refused.value.findings)
+    assert str(problem).startswith("e.yaml:12:19: routing table 7101 ('u') is the table the ebpf backend gives "
+                                   "inbound interception rule 'b'"), problem
+    compile_intent(loaded.intent, "tproxy")  # one table there: 7100
