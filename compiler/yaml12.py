@@ -310,7 +310,10 @@ _SLOW_ONLY = re.compile(r"(?:^|[ \t\[{,])(?:!|&(?![ \t\r\n]|$))|^%", re.M)
 def fits_fast_path(text: str) -> bool:
     """Whether the fast path (StrictLoader, no positions) can read `text` exactly as `read` does. Anchors (the
     expansion bound), tags, directives and refused characters are left to `read`."""
-    return _SLOW_ONLY.search(text) is None and _REFUSED_CHARACTER.search(text, 1 if text[:1] == "\ufeff" else 0) is None
+    # The substring tests run at memory speed; the regex (7 ms over a 10,000-CIDR file) only when they hit.
+    if ("!" in text or "&" in text or "%" in text) and _SLOW_ONLY.search(text) is not None:
+        return False
+    return _REFUSED_CHARACTER.search(text, 1 if text[:1] == "\ufeff" else 0) is None
 
 
 # ------------------------------------------------------------------ the error path: events with positions

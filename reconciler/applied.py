@@ -40,7 +40,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
-from compiler.allocation import Taken, assign_slots, in_target, with_slot
+from compiler.allocation import Taken, assign_slots, in_target, needs_slot, with_slot
 from compiler.conflicts import REASONS, claims, marks_overlap
 from compiler.errors import DocPath, Problem
 from compiler.intent import NetworkIntent
@@ -90,6 +90,8 @@ def allocate_slots(target: Target | None, loaded: Sequence[LoadedIntent], backen
     keeps the slot recorded in its nft table, a new one takes the lowest slot whose values neither the
     intents applied in `target` (their slots, routing tables, ip rule priorities, marks) nor the other
     inputs take. Without a target, the inputs only."""
+    if not any(needs_slot(item.intent) for item in loaded):
+        return {}  # nothing to allocate: no kernel reads (a watch pass over a changed file stays cheap)
     names = {item.intent.metadata.name for item in loaded}
     taken = Taken()
     recorded: dict[str, int] = {}
