@@ -154,12 +154,7 @@ class NftDriver:
 
     def tables(self) -> list[str]:
         """Names of the kernform tables in this namespace (one per applied intent)."""
-        listing = json.loads(self._run(f"list tables {NFT_FAMILY}") or '{"nftables": []}')
-        return sorted(
-            item["table"]["name"]
-            for item in listing["nftables"]
-            if "table" in item and item["table"]["name"].startswith(NFT_TABLE_PREFIX)
-        )
+        return sorted(name for name in self.raw.table_names() if name.startswith(NFT_TABLE_PREFIX))
 
     def observe(self, table: str) -> NftObservation:
         # Read before listing: a transaction between the two makes the kept generation stale, never wrong.
