@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from compiler.ebpf import needs_local_addresses, with_local_addresses
 from compiler.errors import ApplyError, KernelError, TemporaryError
-from compiler.objects import BPF_KINDS, NETLINK_KINDS, NFT_KINDS, BpfProgram, DesiredState, NftElement
+from compiler.objects import BPF_KINDS, NETLINK_KINDS, NFT_KINDS, BpfProgram, DesiredState, NftElement, index_by_key
 
 from .drivers.nfnetlink import GenerationChanged
 from .observe import ObservedState, Target
@@ -112,7 +112,8 @@ def _apply(target: Target, desired: DesiredState, plan: Plan, observed: Observed
             raise
     residual, _ = make_plan(target, desired)
     if not residual.empty:
-        _restore(target, desired, observed, snapshot, netlink_actions, nft_actions, elements_only)
+        _restore(target, desired, observed, snapshot, netlink_actions, nft_actions, elements_only,
+                 bpf=bool(bpf_actions))
         raise ApplyError(
             f"the kernel does not hold the desired state after applying ({len(residual.actions)} differences); "
             "the previous state was restored",
@@ -123,12 +124,20 @@ def _apply(target: Target, desired: DesiredState, plan: Plan, observed: Observed
 
 
 def _restore(target: Target, desired: DesiredState, observed: ObservedState, snapshot: str | None,
-             netlink_actions: tuple[Action, ...], nft_actions: tuple[Action, ...], elements_only: bool) -> None:
+             netlink_actions: tuple[Action, ...], nft_actions: tuple[Action, ...], elements_only: bool,
+             bpf: bool = False) -> None:
     target.forget()
+    if bpf:
+        # The BPF driver's own journal is closed once its apply returns: converge its part back to the
+        # observation the plan was made from, read afresh (programs still pinned are reused, not compiled).
+        previous = dict(observed.bpf_index) if observed.bpf_index is not None else index_by_key(observed.bpf)
+        now = target.bpf.observe_index(desired.intent)
+        back = diff(desired.intent, desired.backend, target.label, previous, dict(now))
+        if not back.empty:
+            target.bpf.apply(desired.intent, back.of_kinds(BPF_KINDS), tuple(previous.values()))
+        target.forget()
     if nft_actions and elements_only:
-        now = target.nft.observe(observed.nft.table)
-        undo = [a for a in inverse(nft_actions) if a.op == "change" or (a.op == "remove") == (a.key in now.index)]
-        target.nft.apply(undo, desired.objects, now, desired.by_key())
+        target.nft.restore_elements(observed.nft)
     elif nft_actions:
         target.nft.restore(observed.nft.table, snapshot)
     if netlink_actions:

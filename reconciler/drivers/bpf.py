@@ -834,7 +834,7 @@ class BpfDriver:
             raise
         journal.commit()
         self._release(loaded)
-        self._remember(loaded, programs, entry_changes)
+        self._remember(root, loaded, programs, entry_changes)
         # Past the point of no return: nothing above needs the old pins any more.
         for pdir in removals:
             count += self._remove_dir(pdir)
@@ -845,20 +845,65 @@ class BpfDriver:
             raise TemporaryError("; ".join(self._missing_proxies) + " (everything else was applied)")
         return count
 
-    def _remember(self, loaded: dict[str, _Loaded], programs: dict[str, BpfProgram],
+    def _remember(self, root: Path, loaded: dict[str, _Loaded], programs: dict[str, BpfProgram],
                   entry_changes: dict[str, list[tuple[BpfMapEntry | None, BpfMapEntry | None]]]) -> None:
-        """Keep the entries this apply wrote: the kernel stores map updates exactly as given."""
+        """Update the kept entries with what the kernel holds now under each key this apply wrote, read
+        back key by key (verification compares with the kernel, never with what was written). Programs
+        loaded by this apply are dropped from the kept entries: their maps are read whole next time."""
         for key in [k for k in self._known_entries if k[0] in loaded]:
             del self._known_entries[key]
         for name, changes in entry_changes.items():
-            kept = self._known_entries.get((name, programs[name].digest))
+            program = programs[name]
+            kept = self._known_entries.get((name, program.digest))
             if kept is None:
                 continue
-            for old, new in changes:
-                if new is not None:
-                    kept.setdefault(new.map, {})[new.key] = new
-                elif old is not None:
-                    kept.get(old.map, {}).pop(old.key, None)
+            try:
+                held = self._read_back(root, program, changes)
+            except (OSError, KernelError):
+                del self._known_entries[(name, program.digest)]  # read it whole on the next observe
+                continue
+            for map_name, entries in held.items():
+                for key, entry in entries.items():
+                    if entry is None:
+                        kept.get(map_name, {}).pop(key, None)
+                    else:
+                        kept.setdefault(map_name, {})[key] = entry
+            self._adopted.discard((name, program.digest))
+
+    def _read_back(self, root: Path, program: BpfProgram, changes: list[tuple[BpfMapEntry | None, BpfMapEntry | None]]
+                   ) -> dict[str, dict[ObjectKey, BpfMapEntry | None]]:
+        """{map: {entry key: the entry as the kernel holds it now, None when absent}} for the keys of
+        `changes` (sockmaps excluded: they are read whole at every observe)."""
+        pdir = self._dir_for(root, program)
+        by_map: dict[str, list[BpfMapEntry]] = {}
+        for old, new in changes:
+            entry = new or old
+            assert entry is not None
+            if entry.map not in PROXY_FAMILIES:
+                by_map.setdefault(entry.map, []).append(entry)
+        result: dict[str, dict[ObjectKey, BpfMapEntry | None]] = {}
+        for map_name, entries in by_map.items():
+            found = result.setdefault(map_name, {})
+            with libbpf.Map.open(str(pdir.maps / map_name)) as bpf_map:
+                info = bpf_map.info
+                if info.type == libbpf.MAP_ARRAY:
+                    row = bpf_layout.row_length(map_name, program.cflags) or 1
+                    size = info.value_size * row
+                    values = bpf_map.array_values()
+                    for entry in entries:
+                        first = struct.unpack("<I", bytes.fromhex(entry.key_hex))[0] * info.value_size
+                        value = values[first : first + size]
+                        found[entry.key] = (None if value == bytes(size) else
+                                            BpfMapEntry(program.name, map_name, entry.key_hex, value.hex()))
+                    continue
+                for entry in entries:
+                    raw_key = bytes.fromhex(entry.key_hex)
+                    kernel_key = (self._ifindex_key(raw_key) if info.name in bpf_layout.IFINDEX_KEYED_MAPS
+                                  else raw_key)
+                    stored = bpf_map.held(kernel_key) if kernel_key is not None else None
+                    found[entry.key] = (None if stored is None else
+                                        BpfMapEntry(program.name, map_name, entry.key_hex, stored.hex()))
+        return result
 
     def _release(self, loaded: dict[str, _Loaded]) -> None:
         for item in loaded.values():

@@ -226,6 +226,27 @@ class Map:
         _check(rc, f"lookup in map {self.info.name}")
         return value.raw[: self.read_size]
 
+    def next_key(self, key: bytes | None) -> bytes | None:
+        """The key after `key` in the map's own order (the first with None); None past the last."""
+        ksize = self.info.key_size
+        nxt = ctypes.create_string_buffer(ksize)
+        rc = lib().bpf_map_get_next_key(self.fd, key, nxt)
+        if rc == -errno.ENOENT:
+            return None
+        _check(rc, f"next key in map {self.info.name}")
+        return nxt.raw[:ksize]
+
+    def held(self, key: bytes) -> bytes | None:
+        """The value stored under exactly `key`, None when there is none. An LPM trie answers a lookup
+        with the longest prefix containing the key, so there the key's presence is checked first:
+        get_next_key of a key the trie does not hold exactly returns the trie's first key, and of a key it
+        holds, the key after it (or ENOENT for the last)."""
+        if self.info.type == MAP_LPM_TRIE:
+            first = self.next_key(None)
+            if first is None or (first != key and self.next_key(key) == first):
+                return None
+        return self.lookup(key)
+
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         """Every (key, value) pair; batched where the map type allows it, else key by key."""
         try:

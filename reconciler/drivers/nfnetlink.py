@@ -21,12 +21,13 @@ Element encoding follows nft: an interval [low, high] is a start element `low`
 
 from __future__ import annotations
 
+import errno
 import functools
 import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from compiler.errors import KernelError
@@ -34,7 +35,7 @@ from compiler.errors import KernelError
 from ..netns import entered
 from .events import NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NLMSG_DONE, NLMSG_ERROR, attributes, netlink_messages
 
-NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM, NFT_MSG_NEWGEN, NFT_MSG_GETGEN = 12, 14, 15, 16
+NFT_MSG_NEWSETELEM, NFT_MSG_GETSETELEM, NFT_MSG_DELSETELEM, NFT_MSG_NEWGEN, NFT_MSG_GETGEN = 12, 13, 14, 15, 16
 NFT_MSG_NEWTABLE, NFT_MSG_GETTABLE = 0, 1
 NFTA_TABLE_NAME = 1
 NLM_F_DUMP = 0x300
@@ -50,6 +51,7 @@ NFPROTO_INET = 1
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE = 0x1, 0x4, 0x400
 NLA_F_NESTED = 0x8000
 ERESTART = 85
+LOOKUPS_PER_SET = 64  # touched elements of a set verified by lookups; more: the set is dumped
 ELEMENTS_PER_MESSAGE = 200  # set elements (an interval is two kernel elements) per message
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # asm-generic/socket.h; not in Python's socket module
 _HDR = struct.Struct("=IHHII")
@@ -113,8 +115,8 @@ def _message(kind: int, flags: int, seq: int, family: int, res_id: int, body: by
     return _HDR.pack(_HDR.size + len(payload), kind, flags, seq, 0) + payload
 
 
-def interval_keys(layout: SetLayout, text: str) -> list[tuple[bytes, int]]:
-    """The kernel elements (key bytes, flags) of one set element in nft's text: `a`, `a/len` or `a-b`."""
+def interval_bounds(layout: SetLayout, text: str) -> tuple[int, int]:
+    """[low, high] of one set element in nft's text: `a`, `a/len` or `a-b`."""
     bits = layout.key_bytes * 8
     if layout.key_is_address:
         if "-" in text:
@@ -128,6 +130,13 @@ def interval_keys(layout: SetLayout, text: str) -> list[tuple[bytes, int]]:
         low, high = int(low_text), int(high_text or low_text)
     if low < 0 or high >> bits or low > high:
         raise ValueError(f"{text} is not an interval of {bits}-bit keys")
+    return low, high
+
+
+def interval_keys(layout: SetLayout, text: str) -> list[tuple[bytes, int]]:
+    """The kernel elements (key bytes, flags) of one set element in nft's text: `a`, `a/len` or `a-b`."""
+    bits = layout.key_bytes * 8
+    low, high = interval_bounds(layout, text)
     keys = [(low.to_bytes(layout.key_bytes, "big"), 0)]
     if high != (1 << bits) - 1:
         keys.append(((high + 1).to_bytes(layout.key_bytes, "big"), NFT_SET_ELEM_INTERVAL_END))
@@ -299,6 +308,184 @@ class NfTablesSocket:
             raise KernelError("nft rejected the element batch, nothing was changed: " + "; ".join(errors))
         self.operations += len(messages)
         return len(messages)
+
+
+    def read_elements(self, table: str, changes: Sequence[ElementChanges]) -> dict[str, dict[str, str | None]]:
+        """What the kernel holds now for every element `changes` names (removed and added alike):
+        {set: {element text: map value text (None for a set)}}, an element missing from its set's dict
+        when the kernel does not hold exactly that interval.
+
+        Used to verify a raw batch by reading the kernel rather than trusting what was sent. A set with
+        few touched elements is asked key by key (NFT_MSG_GETSETELEM without dump); one with many, or one
+        whose answers are not conclusive, is dumped whole. Either way the intervals are decoded from the
+        kernel's answer and compared with the text parsed afresh, so an encoder that writes the wrong key
+        (and would look up that same wrong key) is caught.
+        """
+        few = [c for c in changes if len(c.removed) + len(c.added) <= LOOKUPS_PER_SET]
+        held, unsure = self._looked_up(table, few)
+        for change in changes:
+            if change.set in unsure or len(change.removed) + len(change.added) > LOOKUPS_PER_SET:
+                held[change.set] = self._dumped(table, change.set, change.layout)
+        result: dict[str, dict[str, str | None]] = {}
+        for change in changes:
+            intervals = held.get(change.set, {})
+            found = result.setdefault(change.set, {})
+            for text in dict.fromkeys([*change.removed, *(text for text, _ in change.added)]):
+                value = intervals.get(interval_bounds(change.layout, text))
+                if value is None:
+                    continue
+                found[text] = (None if change.layout.value_family is None or not value
+                               else map_value_text(change.layout, value))
+        return result
+
+    def _looked_up(self, table: str, changes: Sequence[ElementChanges]
+                   ) -> tuple[dict[str, dict[tuple[int, int], bytes]], set[str]]:
+        """({set: {(low, high): map value bytes (b"" for a set)}} of the touched intervals found by
+        looking up their kernel elements, {sets whose answers were not conclusive}).
+
+        An interval set answers the lookup of a start key it lacks with the interval containing the key,
+        so only an answer carrying exactly the key and flags asked for counts. A missing start proves an
+        element absent. An end key is not reliable on its own: where one interval ends exactly where the
+        next begins, the end and the next start share a key and the kernel may answer with another end.
+        So an added element whose start is found but whose end answer differs, or a removed element whose
+        start is still found, makes its set inconclusive (the caller dumps it).
+        """
+        requests: dict[int, tuple[str, str, int, bytes, int]] = {}  # seq -> (set, text, part, key, flags)
+        expected_parts: dict[tuple[str, str], int] = {}
+        messages: list[bytes] = []
+        table_attr = _attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
+        layouts = {change.set: change.layout for change in changes}
+        for change in changes:
+            set_attr = _attr(NFTA_SET_ELEM_LIST_SET, change.set.encode() + b"\0")
+            removed_only = set(change.removed) - {text for text, _ in change.added}
+            for text in dict.fromkeys([*change.removed, *(text for text, _ in change.added)]):
+                parts = interval_keys(change.layout, text)
+                if text in removed_only:
+                    parts = parts[:1]  # its absence is proven by its start alone
+                expected_parts[(change.set, text)] = len(parts)
+                for index, (key, kflags) in enumerate(parts):
+                    seq = self._next_seq()
+                    requests[seq] = (change.set, text, index, key, kflags)
+                    body = table_attr + set_attr + _nest(NFTA_SET_ELEM_LIST_ELEMENTS, _element(key, kflags))
+                    messages.append(_message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM, NLM_F_REQUEST,
+                                             seq, NFPROTO_INET, 0, body))
+        held: dict[str, dict[tuple[int, int], bytes]] = {change.set: {} for change in changes}
+        unsure: set[str] = set()
+        if not messages:
+            return held, unsure
+        answers: dict[tuple[str, str], list[tuple[bytes, int, bytes] | None]] = {}
+        self._make_room(sum(map(len, messages)), len(messages) * 2)
+        self._sock.sendall(b"".join(messages))
+        pending = set(requests)
+        while pending:
+            for kind, payload, seq in self._replies():
+                if seq not in pending:
+                    continue
+                pending.discard(seq)
+                set_name, text, index, key, kflags = requests[seq]
+                if kind == NLMSG_ERROR:
+                    code = -_ERR.unpack_from(payload)[0]
+                    if code and code != errno.ENOENT:
+                        raise KernelError(f"nft: looking up element {text} of {set_name} failed: {_strerror(code)}")
+                    continue
+                if kind != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM:
+                    continue
+                for got in _reply_elements(payload):
+                    if got[0] == key and (got[1] & NFT_SET_ELEM_INTERVAL_END) == kflags:
+                        answers.setdefault((set_name, text), [None] * expected_parts[(set_name, text)])[index] = got
+        self.operations += len(messages)
+        for (set_name, text), parts_found in answers.items():
+            start = parts_found[0]
+            if start is None:
+                continue  # no exact start: not held
+            width = layouts[set_name].key_bytes
+            low = int.from_bytes(start[0], "big")
+            if expected_parts[(set_name, text)] == 1:
+                largest = (1 << (8 * width)) - 1
+                if interval_bounds(layouts[set_name], text)[1] != largest:
+                    unsure.add(set_name)  # a removed element's start is still there
+                    continue
+                held[set_name][(low, largest)] = start[2]
+                continue
+            end = parts_found[1]
+            if end is None:
+                unsure.add(set_name)
+                continue
+            held[set_name][(low, int.from_bytes(end[0], "big") - 1)] = start[2]
+        return held, unsure
+
+    def _dumped(self, table: str, set_name: str, layout: SetLayout) -> dict[tuple[int, int], bytes]:
+        """{(low, high): map value bytes (b"" for a set)} of every interval of one set, from a dump."""
+        seq = self._next_seq()
+        body = (_attr(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
+                + _attr(NFTA_SET_ELEM_LIST_SET, set_name.encode() + b"\0"))
+        self._sock.send(_message((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM, NLM_F_REQUEST | NLM_F_DUMP,
+                                 seq, NFPROTO_INET, 0, body))
+        elements: list[tuple[int, bool, bytes]] = []
+        done = False
+        while not done:
+            for kind, payload, reply_seq in self._replies():
+                if reply_seq != seq:
+                    continue
+                if kind == NLMSG_DONE:
+                    done = True
+                elif kind == NLMSG_ERROR:
+                    code = -_ERR.unpack_from(payload)[0]
+                    raise KernelError(f"nft: listing the elements of {set_name} failed: {_strerror(code)}")
+                elif kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM:
+                    elements += [(int.from_bytes(key, "big"), bool(flags & NFT_SET_ELEM_INTERVAL_END), data)
+                                 for key, flags, data in _reply_elements(payload) if len(key) == layout.key_bytes]
+        self.operations += 1
+        elements.sort(key=lambda e: (e[0], not e[1]))  # an end before a start at the same key
+        largest = (1 << (8 * layout.key_bytes)) - 1
+        intervals: dict[tuple[int, int], bytes] = {}
+        for position, (key, is_end, data) in enumerate(elements):
+            if is_end:
+                continue
+            after = elements[position + 1] if position + 1 < len(elements) else None
+            if after is None:
+                intervals[(key, largest)] = data
+            elif after[1]:
+                intervals[(key, after[0] - 1)] = data
+            # a start followed by another start: not an interval kernform writes; it matches no text
+        return intervals
+
+
+def _reply_elements(payload: memoryview) -> Iterator[tuple[bytes, int, bytes]]:
+    """(key, flags, data) of each element in a NEWSETELEM message."""
+    elements = attributes(payload, _NFGEN.size).get(NFTA_SET_ELEM_LIST_ELEMENTS)
+    if elements is None:
+        return
+    for kind, element in _each_attribute(elements):
+        if kind != NFTA_LIST_ELEM:
+            continue
+        attrs = attributes(element, 0)
+        key = attributes(attrs[NFTA_SET_ELEM_KEY], 0).get(NFTA_DATA_VALUE) if NFTA_SET_ELEM_KEY in attrs else None
+        if key is None:
+            continue
+        flags = _BE32.unpack_from(attrs[NFTA_SET_ELEM_FLAGS])[0] if NFTA_SET_ELEM_FLAGS in attrs else 0
+        data = b""
+        if NFTA_SET_ELEM_DATA in attrs:
+            data = bytes(attributes(attrs[NFTA_SET_ELEM_DATA], 0).get(NFTA_DATA_VALUE) or b"")
+        yield bytes(key), flags, data
+
+
+def _each_attribute(payload: memoryview) -> Iterator[tuple[int, memoryview]]:
+    """Every attribute of a nest, repeated types included (`attributes` keeps the first of each)."""
+    offset = 0
+    while offset + _NLATTR.size <= len(payload):
+        length, kind = _NLATTR.unpack_from(payload, offset)
+        if length < _NLATTR.size:
+            return
+        yield kind & 0x3FFF, payload[offset + _NLATTR.size : offset + length]
+        offset += (length + 3) & ~3
+
+
+def map_value_text(layout: SetLayout, value: bytes) -> str:
+    """The inverse of map_value: `address . port` from the bytes the kernel holds."""
+    width = 4 if layout.value_family == 4 else 16
+    address = ipaddress.ip_address(value[:width])
+    return f"{address} . {int.from_bytes(value[width : width + 2], 'big')}"
 
 
 def _strerror(code: int) -> str:

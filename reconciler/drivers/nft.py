@@ -217,10 +217,14 @@ class NftDriver:
         if element_sets is not None and observed.generation is not None:
             sent = self.raw.write_elements(observed.table, observed.generation, element_sets)
             generation = self.raw.generation()
-            self._known = (observed.with_elements(actions, generation)
-                           if generation == observed.generation + 1 else None)
-            if self._known is not None and self._adopted is observed:
-                self._adopted = self._known  # the elements added are the desired objects themselves
+            self._known = None
+            if generation == observed.generation + 1:
+                # Nothing else committed in between (the batch carried the observed generation): the
+                # table is the observed one except for the elements this batch touched, and those are
+                # read back from the kernel now. Verification compares with the kernel, never with what
+                # was sent.
+                held = self.raw.read_elements(observed.table, element_sets)
+                self._known = observed.with_elements(_held_actions(observed, element_sets, held), generation)
             self.operations += sent
             return sent
         commands = build_batch(actions, desired, observed)
@@ -255,6 +259,22 @@ class NftDriver:
         rc, _, error = self._nft.cmd("\n".join(commands) + "\n")
         if rc != 0:
             raise KernelError(f"nft: could not restore table {table}: {error.strip()}")
+
+    def restore_elements(self, before: NftObservation) -> int:
+        """Put the elements of our table back as `before` lists them, after an element-only apply that
+        failed verification: the table is listed again and the difference written through libnftables'
+        text, not the raw encoder that may be what went wrong."""
+        self._known = None
+        now = self.observe(before.table)
+        was = {k: o for k, o in before.index.items() if isinstance(o, NftElement)}
+        held = {k: o for k, o in now.index.items() if isinstance(o, NftElement)}
+        actions = [Action("remove", k, o, None) for k, o in held.items() if k not in was]
+        actions += [Action("add", k, None, o) for k, o in was.items() if k not in held]
+        actions += [Action("change", k, held[k], o) for k, o in was.items() if k in held and held[k] != o]
+        commands = build_batch(actions, (), now)
+        if commands:
+            self._transaction(commands)
+        return len(commands)
 
     def delete_table(self, table: str) -> int:
         if table not in self.tables():
@@ -343,6 +363,30 @@ def raw_element_sets(actions: Sequence[Action], desired: Mapping[ObjectKey, Kern
             return None
         result.append(ElementChanges(name, layout, removed, added))
     return result
+
+
+def _held_actions(observed: NftObservation, element_sets: Sequence[ElementChanges],
+                  held: Mapping[str, Mapping[str, str | None]]) -> list[Action]:
+    """Actions that turn `observed` into what the kernel was read to hold for the elements of `element_sets`."""
+    actions: list[Action] = []
+    for change in element_sets:
+        wanted = dict(change.added)
+        now = held.get(change.set, {})
+        for text in dict.fromkeys([*change.removed, *wanted]):
+            key = ObjectKey(NftElement.kind, f"{change.set} {text}")
+            before = observed.index.get(key)
+            if text not in now:
+                if before is not None:
+                    actions.append(Action("remove", key, before, None))
+                continue
+            value = now[text]
+            desired_value = wanted.get(text)
+            if value is not None and desired_value is not None and \
+                    nfnetlink.map_value_text(change.layout, nfnetlink.map_value(change.layout, desired_value)) == value:
+                value = desired_value  # the kernel holds the desired value: keep the compiler's spelling of it
+            element = NftElement(observed.table, change.set, text, value)
+            actions.append(Action("add" if before is None else "change", key, before, element))
+    return actions
 
 
 def _quote(text: str) -> str:
