@@ -193,6 +193,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_apply(args: argparse.Namespace) -> int:
     from reconciler.apply import apply, make_plan
+    from reconciler.audit import Cause
     from reconciler.observe import Target
     from reconciler.plan import render_text
 
@@ -216,7 +217,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
                         print(f"intent {name}: no changes.")
                     done.append(name)
                     continue
-                result = apply(target, wanted, plan, observed)
+                result = apply(target, wanted, plan, observed, cause=Cause.of_text("cli", item.path, item.text))
             except KernformError as exc:
                 if not several:
                     raise
@@ -240,6 +241,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 def cmd_destroy(args: argparse.Namespace) -> int:
     from reconciler.apply import destroy
+    from reconciler.audit import Cause
     from reconciler.observe import Target
 
     # The reverse of apply's order; intents named with --intent after those of the files.
@@ -250,7 +252,7 @@ def cmd_destroy(args: argparse.Namespace) -> int:
         _lock_intents(locks, args, names, "destroy")
         for index, name in enumerate(names):
             try:
-                result = destroy(target, name)
+                result = destroy(target, name, cause=Cause("cli"))
             except KernformError:
                 if len(names) > 1:
                     print(f"kernform: stopped at intent {name}, whose destroy failed; destroyed on {target.label}: "

@@ -14,9 +14,11 @@ import time
 from dataclasses import dataclass
 
 from compiler.ebpf import needs_local_addresses, with_local_addresses
-from compiler.errors import ApplyError, KernelError, TemporaryError
+from compiler.errors import ApplyError, KernelError, KernformError, TemporaryError
 from compiler.objects import BPF_KINDS, NETLINK_KINDS, NFT_KINDS, BpfProgram, DesiredState, NftElement, index_by_key
 
+from . import audit
+from .audit import Cause
 from .drivers.nfnetlink import GenerationChanged
 from .observe import ObservedState, Target
 from .plan import Action, Plan, diff
@@ -60,20 +62,37 @@ def inverse(actions: tuple[Action, ...]) -> tuple[Action, ...]:
 
 
 def apply(target: Target, desired: DesiredState, plan: Plan | None = None,
-          observed: ObservedState | None = None) -> ApplyResult:
+          observed: ObservedState | None = None, *, cause: Cause | None = None, verb: str = "apply") -> ApplyResult:
     """Make the kernel hold `desired`; with a plan (and its observation) given, execute exactly that plan
-    (unless the nft table changed since that observation: then a fresh plan is made and executed)."""
+    (unless the nft table changed since that observation: then a fresh plan is made and executed).
+    A plan that changes anything, or fails to, leaves an audit record (reconciler.audit) of `verb`
+    ("apply", "destroy" or "repair") for `cause`."""
     started = time.perf_counter()
     desired = complete(target, desired)
     if plan is None or observed is None:
         plan, observed = make_plan(target, desired)
     try:
-        return _apply(target, desired, plan, observed, started)
-    except GenerationChanged:
-        # Someone committed an nft transaction after we observed; nothing of ours was left applied.
-        target.forget()
-        plan, observed = make_plan(target, desired)
-        return _apply(target, desired, plan, observed, started)
+        try:
+            result = _apply(target, desired, plan, observed, started)
+        except GenerationChanged:
+            # Someone committed an nft transaction after we observed; nothing of ours was left applied.
+            target.forget()
+            plan, observed = make_plan(target, desired)
+            result = _apply(target, desired, plan, observed, started)
+    except KernformError as exc:
+        if not plan.empty:
+            # A TemporaryError comes after everything else was applied (a proxy not listening yet).
+            outcome = "incomplete" if isinstance(exc, TemporaryError) else "failed"
+            audit.record(verb, desired.intent, target.label, cause, _audited(plan), outcome, error=str(exc))
+        raise
+    if not plan.empty:
+        done = {"apply": "applied", "destroy": "destroyed", "repair": "repaired"}.get(verb, verb)
+        audit.record(verb, desired.intent, target.label, cause, _audited(plan), done, operations=result.operations)
+    return result
+
+
+def _audited(plan: Plan) -> list[dict[str, str]]:
+    return [{"op": a.op, "kind": a.kind, "key": a.key.name, "origin": a.origin} for a in plan.actions]
 
 
 def _apply(target: Target, desired: DesiredState, plan: Plan, observed: ObservedState, started: float) -> ApplyResult:
@@ -144,7 +163,7 @@ def _restore(target: Target, desired: DesiredState, observed: ObservedState, sna
         target.netlink.apply(inverse(netlink_actions))
 
 
-def destroy(target: Target, intent: str) -> ApplyResult:
+def destroy(target: Target, intent: str, *, cause: Cause | None = None) -> ApplyResult:
     """Remove every object the intent owns; foreign objects are untouched."""
     empty = DesiredState(intent=intent, backend="none", objects=())
-    return apply(target, empty)
+    return apply(target, empty, cause=cause, verb="destroy")

@@ -64,6 +64,7 @@ from compiler.objects import DesiredState, count_by_kind, nft_table_name
 
 from .applied import allocate_slots, applied_conflicts
 from .apply import apply, destroy, make_plan
+from .audit import Cause
 from .drivers.events import KernelEvents, WatchScope
 from .lock import RUN_DIR, IntentLock, LockHeld
 from .log import event
@@ -440,7 +441,8 @@ class Daemon:
         repair = known.converged is not None and desired == known.converged
         if not plan.empty:
             counts = plan.counts()
-            result = apply(target, desired, plan, observed)
+            result = apply(target, desired, plan, observed, cause=self._cause(desired.intent, trigger),
+                           verb="repair" if repair else "apply")
             for action in plan.actions:
                 self.metrics.applied_actions.labels(action.op, action.kind).inc()
                 if repair:
@@ -461,6 +463,13 @@ class Daemon:
         known.converged = desired
         self.metrics.intent_in_sync.labels(desired.intent).set(1)
 
+    def _cause(self, name: str, trigger: str) -> Cause:
+        """The audit cause of a pass over intent `name`: the trigger, its file and the sha256 of its text."""
+        known = self._intents.get(name)
+        source = self._sources.get(known.file) if known is not None else None
+        item = next((i for i in source.intents if i.intent.metadata.name == name), None) if source else None
+        return Cause.of_text(trigger, known.file if known else None, item.text if item is not None else None)
+
     def _gone(self, target: Target, name: str) -> None:
         """An intent of the directory whose file or document is gone: destroyed with --prune, else left."""
         if not self.settings.prune:
@@ -471,7 +480,7 @@ class Daemon:
                       f"{target.label} (--prune destroys it; `kernform destroy --intent {name}` does now)",
                       intent=name, pruned=False)
             return
-        result = destroy(target, name)
+        result = destroy(target, name, cause=Cause("prune", self._intents[name].file))
         event(log, logging.INFO, f"intent {name} is no longer in {self.settings.file}: destroyed, "
               f"{len(result.plan.actions)} objects removed from {target.label}", intent=name, pruned=True)
         del self._intents[name]

@@ -17,6 +17,21 @@ from kernform import lab as lab_mod
 from kernform.lab import LabMap
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _audit_trail_of_the_tests(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The tests' applies keep their audit records (reconciler.audit) to themselves, not in the host's
+    /var/log/kernform; subprocesses inherit the setting."""
+    saved = os.environ.get("KERNFORM_AUDIT_LOG")
+    os.environ["KERNFORM_AUDIT_LOG"] = str(tmp_path_factory.mktemp("audit") / "audit.jsonl")
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("KERNFORM_AUDIT_LOG", None)
+        else:
+            os.environ["KERNFORM_AUDIT_LOG"] = saved
+
+
 def lab_prefix(tag: str = "kft") -> str:
     """A lab prefix unique to this test session (and to ``tag``)."""
     return f"{tag}{os.getpid() % 1000}"
