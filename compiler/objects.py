@@ -400,7 +400,27 @@ class BpfMapEntry:
         return f"map {self.program}/{self.map} {self.readable()}"
 
 
-KernelObject = NftTable | NftCounter | NftSet | NftElement | NftChain | NftRule | IpRoute | IpRule | BpfProgram | BpfMapEntry
+@dataclass(frozen=True)
+class BpfLeftover:
+    """Something of an intent's BPF state that no program of it accounts for: what an interrupted apply or
+    destroy left behind (`what`: "pin directory", "clsact marker" or "cgroup", at `path`). Never desired,
+    only observed: the plan removes it, so `destroy` after any interruption leaves nothing."""
+
+    kind: ClassVar[str] = "bpf.leftover"
+    what: str
+    path: str
+    origin: str = field(default="left by an interrupted run", compare=False)
+
+    @_computed_once
+    def key(self) -> ObjectKey:
+        return ObjectKey(self.kind, self.path)
+
+    def describe(self) -> str:
+        return f"{self.what} {self.path}"
+
+
+KernelObject = (NftTable | NftCounter | NftSet | NftElement | NftChain | NftRule | IpRoute | IpRule | BpfProgram
+                | BpfMapEntry | BpfLeftover)
 
 # Creation order; removal runs backwards. Rules come after the sets and
 # counters they reference; ip rules after the routes they select.
@@ -415,6 +435,7 @@ KIND_ORDER: tuple[str, ...] = (
     IpRule.kind,
     BpfProgram.kind,
     BpfMapEntry.kind,
+    BpfLeftover.kind,
 )
 NFT_KINDS = frozenset(k for k in KIND_ORDER if k.startswith("nft."))
 NETLINK_KINDS = frozenset(k for k in KIND_ORDER if k.startswith("ip."))

@@ -17,7 +17,7 @@ from compiler.ebpf import needs_local_addresses, with_local_addresses
 from compiler.errors import ApplyError, KernelError, KernformError, TemporaryError
 from compiler.objects import BPF_KINDS, NETLINK_KINDS, NFT_KINDS, BpfProgram, DesiredState, NftElement, index_by_key
 
-from . import audit
+from . import audit, ownership
 from .audit import Cause
 from .drivers.nfnetlink import GenerationChanged
 from .observe import ObservedState, Target
@@ -85,6 +85,9 @@ def apply(target: Target, desired: DesiredState, plan: Plan | None = None,
             outcome = "incomplete" if isinstance(exc, TemporaryError) else "failed"
             audit.record(verb, desired.intent, target.label, cause, _audited(plan), outcome, error=str(exc))
         raise
+    # Verified (or nothing to do, which the same observation proves): the kernel holds the intent's
+    # routes and rules in exactly its wanted tables.
+    ownership.settle(target.netns, desired.intent, desired.routing_tables)
     if not plan.empty:
         done = {"apply": "applied", "destroy": "destroyed", "repair": "repaired"}.get(verb, verb)
         audit.record(verb, desired.intent, target.label, cause, _audited(plan), done, operations=result.operations)
@@ -111,6 +114,12 @@ def _apply(target: Target, desired: DesiredState, plan: Plan, observed: Observed
     elements_only = all(a.kind == NftElement.kind for a in nft_actions)
     snapshot = (target.nft.snapshot(observed.nft.table)
                 if nft_actions and observed.nft.exists and not elements_only else None)
+    if netlink_actions:
+        # Recorded before the first netlink change: a run killed from here on leaves objects a fresh
+        # process still finds as this intent's, whatever becomes of the nft table.
+        touched = {getattr(a.new or a.old, "table", None) for a in netlink_actions}
+        ownership.widen(target.netns, desired.intent,
+                        desired.routing_tables | {t for t in touched if isinstance(t, int)})
     operations = target.netlink.apply(netlink_actions) if netlink_actions else 0
     try:
         operations += target.nft.apply(nft_actions, desired.objects, observed.nft, desired.by_key())

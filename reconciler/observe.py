@@ -4,7 +4,8 @@ A target is a network namespace (or the host's own) with its drivers opened
 once; the daemon keeps one for its whole life. Observation reads only what is
 ours: the intent's nft table, and the ip rules and routes with kernform's
 protocol in the routing tables the intent owns (the ones it wants now plus the
-ones its table records from earlier applies, so leftovers are swept).
+ones recorded from earlier applies, in its nft table and in reconciler.ownership's
+file, so leftovers are swept).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from compiler.errors import KernelError
 from compiler.objects import (
     KernelObject,
     ObjectKey,
@@ -21,6 +23,7 @@ from compiler.objects import (
     nft_table_name,
 )
 
+from . import ownership
 from .drivers.netlink import NetlinkDriver
 from .drivers.nft import NftDriver, NftObservation
 
@@ -73,10 +76,17 @@ class Target:
         return self._bpf
 
     def has_bpf_state(self, intent: str) -> bool:
-        """Whether the intent has BPF pins for this namespace (checked without importing bcc)."""
-        from .drivers.bpf import intent_pin_dir
+        """Whether the intent has BPF pins, or its cgroup, for this namespace (checked without importing bcc)."""
+        from compiler.allocation import default_cgroup
 
-        return intent_pin_dir(intent, self.netns).is_dir()
+        from .drivers.bpf import cgroup2_root, intent_pin_dir
+
+        if intent_pin_dir(intent, self.netns).is_dir():
+            return True
+        try:
+            return (cgroup2_root() / default_cgroup(intent, self.netns)).is_dir()
+        except KernelError:
+            return False  # no cgroup2: no cgroup of ours either
 
     @property
     def label(self) -> str:
@@ -109,7 +119,9 @@ class Target:
     def observe(self, intent: str, wanted_tables: frozenset[int] = frozenset(), bpf: bool = False) -> ObservedState:
         """What `intent` owns in this namespace; BPF state is read when `bpf` or when the intent has pins."""
         nft = self.nft.observe(nft_table_name(intent))
-        tables = nft.owned_tables | wanted_tables
+        # Both records of the intent's routing tables: the nft set, and the file that survives a flushed
+        # ruleset or a run killed before its nft transaction (reconciler.ownership).
+        tables = nft.owned_tables | wanted_tables | ownership.recorded_tables(self.netns, intent)
         netlink = tuple(self.netlink.observe(tables)) if tables else ()
         bpf_index = self.bpf.observe_index(intent) if bpf or self.has_bpf_state(intent) else {}
         return ObservedState(intent, nft, netlink, tables, tuple(bpf_index.values()), bpf_index)

@@ -10,7 +10,7 @@ export DEBIAN_FRONTEND=noninteractive
 APT_PACKAGES=(
   iproute2 nftables python3-nftables iptables bpftool
   python3-bpfcc libbpfcc bpfcc-tools libbpf1 linux-headers-amd64
-  haproxy nginx-light wrk iperf3 socat curl python3-venv util-linux procps gcc libc6-dev
+  haproxy nginx-light wrk iperf3 socat curl python3-venv util-linux procps gcc libc6-dev strace
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -104,8 +104,9 @@ from pathlib import Path
 from typing import Any
 
 from compiler import bpf_layout
+from compiler.allocation import default_cgroup
 from compiler.errors import InternalError, KernelError, TemporaryError
-from compiler.objects import BPF_KINDS, BPF_PIN_ROOT, BpfMapEntry, BpfProgram, KernelObject, ObjectKey
+from compiler.objects import BPF_KINDS, BPF_PIN_ROOT, BpfLeftover, BpfMapEntry, BpfProgram, KernelObject, ObjectKey
 
 from ..netns import entered, path_of
 from ..plan import Action
@@ -566,13 +567,13 @@ class BpfDriver:
         self._probed.add(("compiler", ""))
 
     # ================================================================ observe
-    def observe(self, intent: str) -> list[BpfProgram | BpfMapEntry]:
+    def observe(self, intent: str) -> list[BpfProgram | BpfMapEntry | BpfLeftover]:
         """Our programs of `intent` (attachments: the ones live now) and their configuration entries."""
         return list(self.observe_index(intent).values())
 
-    def observe_index(self, intent: str) -> dict[ObjectKey, BpfProgram | BpfMapEntry]:
+    def observe_index(self, intent: str) -> dict[ObjectKey, BpfProgram | BpfMapEntry | BpfLeftover]:
         """`observe`, by key. Programs and attachments are always read; entries may be the kept ones."""
-        result: dict[ObjectKey, BpfProgram | BpfMapEntry] = {}
+        result: dict[ObjectKey, BpfProgram | BpfMapEntry | BpfLeftover] = {}
         known = self._known_entries
         self._known_entries = {}
         for name, dirs in sorted(self._program_dirs(intent).items()):
@@ -606,7 +607,49 @@ class BpfDriver:
             for entries in maps.values():
                 result.update(entries)
         self._adopted &= set(self._known_entries)
+        for leftover in self._leftovers(intent, [o for o in result.values() if isinstance(o, BpfProgram)]):
+            result[leftover.key] = leftover
         return result
+
+    def _leftovers(self, intent: str, programs: list[BpfProgram]) -> list[BpfLeftover]:
+        """What an interrupted run left of the intent here that no program accounts for: the pin
+        directory and its clsact markers once no program directory is in it, and the intent's default
+        cgroup once no program is attached there."""
+        found: list[BpfLeftover] = []
+        root = self._intent_dir(intent)
+        if not programs and root.is_dir():
+            found += [BpfLeftover("clsact marker", str(root / entry))
+                      for entry in _listdir(root) if entry.startswith("clsact:")]
+            found.append(BpfLeftover("pin directory", str(root)))
+        cgroup = default_cgroup(intent, self.netns)
+        used = {parse_point(point).cgroup for program in programs for _, point in program.attachments
+                if point.startswith("cgroup:")}
+        if cgroup not in used:
+            with contextlib.suppress(KernelError):
+                if (self._cgroup() / cgroup).is_dir():
+                    found.append(BpfLeftover("cgroup", cgroup))
+        return found
+
+    def _remove_leftover(self, leftover: BpfLeftover) -> int:
+        path = Path(leftover.path)
+        if leftover.what == "clsact marker":
+            ifindex = self._ifindex(_unesc(path.name[len("clsact:") :]))
+            if ifindex is None:
+                _rmdir_quiet(path)  # the interface is gone, and its qdisc with it
+                return 1
+            if not self._drop_clsact(ifindex, path):
+                _rmdir_quiet(path)  # the qdisc stays for whoever's filters are on it
+            return 1
+        if leftover.what == "pin directory":
+            for entry in _listdir(path):
+                if not entry.startswith("clsact:"):
+                    _rmdir_quiet(path / entry)  # an empty directory an interrupted apply made
+            _rmdir_empty(path, path.parent)
+            return 1
+        if leftover.what == "cgroup":
+            self._remove_our_cgroup(leftover.path)
+            return 1
+        raise InternalError(f"unknown leftover {leftover.what} at {leftover.path}")
 
     def pin_dir(self, intent: str) -> Path:
         """Where this driver pins `intent`'s programs (see intent_pin_dir)."""
@@ -821,6 +864,11 @@ class BpfDriver:
             kept_links = self._link_ids([item.pdir for item in loaded.values()])
             for pdir in removals:
                 count += self._detach_dir(intent, pdir, kept_links, journal)
+
+            # 5. what interrupted runs left (nothing to undo: none of it is in use)
+            for action in actions:
+                if isinstance(action.old, BpfLeftover) and action.op == "remove":
+                    count += self._remove_leftover(action.old)
         except BaseException as exc:
             self._known_entries.clear()
             failures = journal.roll_back()

@@ -23,6 +23,7 @@ tagged with a stale generation, so nothing else can have happened in between.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -116,6 +117,9 @@ class NftDriver:
         self._raw: NfTablesSocket | None = None
         self._known: NftObservation | None = None
         self._adopted: NftObservation | None = None
+        # Rule text digest -> digest of the kernel's reading of that text (content_digest), learned from
+        # the kernel right after writing it; a rule whose text is here is written with it at once.
+        self._contents: dict[str, str] = {}
         self.operations = 0
 
     @property
@@ -227,9 +231,37 @@ class NftDriver:
                 self._known = observed.with_elements(_held_actions(observed, element_sets, held), generation)
             self.operations += sent
             return sent
-        commands = build_batch(actions, desired, observed)
+        desired = tuple(desired)
+        commands = build_batch(actions, desired, observed, self._contents)
         if not commands:
             return 0
+        self._transaction(commands)
+        return len(commands) + self._record_contents(observed.table, desired)
+
+    def _record_contents(self, table: str, desired: Sequence[KernelObject]) -> int:
+        """Give every rule of `table` written without the digest of its content (a text this driver has
+        not seen the kernel's reading of yet) that digest: learn it from the table as listed right after
+        our own transaction, then rewrite the chains of those rules with it, in one more transaction."""
+        rules = [o for o in desired if isinstance(o, NftRule) and o.table == table]
+        if all(r.digest in self._contents for r in rules):
+            return 0
+        generation = self.raw.generation()
+        rc, output, _ = self._nft.cmd(f"list table {NFT_FAMILY} {table}")
+        if rc != 0 or self.raw.generation() != generation:
+            return 0  # someone else committed meanwhile: the rules stay unrecorded, the next pass rewrites them
+        wanted = {r.digest for r in rules}
+        for item in json.loads(output)["nftables"]:
+            body = item.get("rule")
+            if not isinstance(body, dict):
+                continue
+            rule_id, _, recorded = _comment_digest(body).rpartition(":")
+            digest = recorded.partition(".")[0]
+            if rule_id and digest in wanted:
+                self._contents.setdefault(digest, content_digest(body.get("expr")))
+        chains = sorted({r.chain for r in rules if r.digest in self._contents})
+        commands = [f"flush chain {NFT_FAMILY} {table} {c}" for c in chains]
+        commands += [rule_command(r, self._contents) for r in sorted(rules, key=lambda r: (r.chain, r.index))
+                     if r.chain in chains]
         self._transaction(commands)
         return len(commands)
 
@@ -284,6 +316,12 @@ class NftDriver:
 
 
 # ---------------------------------------------------------------------- parsing
+def content_digest(expr: Any) -> str:
+    """What a rule does, as the kernel holds it: a digest of its expressions in nft's JSON (handles,
+    positions and the comment are not part of them)."""
+    return hashlib.sha256(json.dumps(expr, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
+
+
 def _comment_digest(body: Mapping[str, Any]) -> str:
     comment = str(body.get("comment", ""))
     return comment[3:] if comment.startswith("kf:") else ""
@@ -332,10 +370,15 @@ def _parse_table(table: str, items: list[dict[str, Any]], generation: int | None
             chain = body["chain"]
             index = rule_positions.get(chain, 0)
             rule_positions[chain] = index + 1
-            rule_id, _, rule_digest = _comment_digest(body).rpartition(":")
+            rule_id, _, recorded = _comment_digest(body).rpartition(":")
+            rule_digest, _, content = recorded.partition(".")
             if not rule_id:
                 # Not written by us (or edited): a unique id makes the diff remove it.
                 rule_id, rule_digest = f"unknown-handle-{body.get('handle')}", ""
+            elif content != content_digest(body.get("expr")):
+                # What the rule does is not what kernform wrote under this comment (edited by hand, or
+                # its content never recorded): a digest no desired rule has, so the plan rewrites it.
+                rule_digest += ".changed"
             objects.append(NftRule(table, chain, rule_id, index, rule_digest))
     return NftObservation(table, tuple(objects), tuple(items), counters, generation)
 
@@ -409,11 +452,16 @@ def _element_commands(verb: str, table: str, set_name: str, elements: Sequence[N
     return commands
 
 
-def rule_command(rule: NftRule) -> str:
-    return f"add rule {NFT_FAMILY} {rule.table} {rule.chain} {rule.text} comment {_quote(rule.comment())}"
+def rule_command(rule: NftRule, contents: Mapping[str, str] | None = None) -> str:
+    """The command adding `rule`; its comment carries the digest of its text and, when `contents` knows it,
+    the digest of what the kernel makes of that text (content_digest), by which drift is seen."""
+    content = (contents or {}).get(rule.digest)
+    comment = rule.comment() + (f".{content}" if content else "")
+    return f"add rule {NFT_FAMILY} {rule.table} {rule.chain} {rule.text} comment {_quote(comment)}"
 
 
-def build_batch(actions: Sequence[Action], desired: Iterable[KernelObject], observed: NftObservation) -> list[str]:
+def build_batch(actions: Sequence[Action], desired: Iterable[KernelObject], observed: NftObservation,
+                contents: Mapping[str, str] | None = None) -> list[str]:
     """The text commands of one transaction that carries out `actions` (see the module docstring).
 
     Rules are never edited in place: a chain with any rule change is flushed and
@@ -487,6 +535,6 @@ def build_batch(actions: Sequence[Action], desired: Iterable[KernelObject], obse
         commands.append(f"add chain {NFT_FAMILY} {table} {chain.name} {{ {chain.declaration()} }}")
     rules = sorted((o for o in desired_list if isinstance(o, NftRule) and o.chain in rewrite),
                    key=lambda r: (r.chain, r.index))
-    commands += [rule_command(r) for r in rules]
+    commands += [rule_command(r, contents) for r in rules]
     commands += [f"delete counter {NFT_FAMILY} {table} {a.key.name}" for a in acted(NftCounter.kind, "remove")]
     return commands

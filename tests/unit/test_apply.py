@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,7 @@ from compiler.objects import (
     NftTable,
     ip_rule,
 )
+from reconciler import ownership
 from reconciler.apply import apply, destroy
 from reconciler.drivers.nft import NftObservation
 from reconciler.observe import ObservedState
@@ -74,8 +76,15 @@ class FakeNetlink:
         return len(actions)
 
 
+@pytest.fixture(autouse=True)
+def _ownership_records_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fake target's ownership records (reconciler.ownership) go to the test's own directory."""
+    monkeypatch.setattr(ownership, "RUN_DIR", tmp_path)
+
+
 class FakeTarget:
     label = "fake"
+    netns = None
 
     def __init__(self) -> None:
         self.nft = FakeNft()
