@@ -108,19 +108,29 @@ def test_a_second_run_waits_or_fails_with_no_wait_and_a_watched_intent_is_refuse
     assert not list(run_dir.glob("*.lock")) and not list(run_dir.glob("*.status")), list(run_dir.iterdir())
 
     # A CLI run holding the lock: another waits for it (and says so), or fails at once with --no-wait.
+    # The holder keeps the lock until the test says so, so no timing decides who waits.
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from reconciler.lock import IntentLock, RUN_DIR; "
+        [sys.executable, "-c", "import sys; from reconciler.lock import IntentLock, RUN_DIR; "
          f"lock = IntentLock(RUN_DIR, {NS!r}, {NAME!r}, 'apply'); lock.acquire(); print('held', flush=True); "
-         "time.sleep(2); lock.release()"], stdout=subprocess.PIPE, text=True, env=lab, cwd=ROOT)
+         "sys.stdin.readline(); lock.release()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env=lab, cwd=ROOT)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         failed = subprocess.run([sys.executable, "-m", "kernform", "apply", "--no-wait", "--netns", NS, str(path)],
                                 capture_output=True, text=True, env=lab, cwd=ROOT)
         assert failed.returncode == 1 and f"another kernform apply (pid {holder.pid}) is changing" in failed.stderr
-        waited = subprocess.run([sys.executable, "-m", "kernform", "apply", "--quiet", "--netns", NS, str(path)],
-                                capture_output=True, text=True, env=lab, cwd=ROOT, timeout=60)
-        assert waited.returncode == 0, waited.stderr
-        assert f"waiting for kernform apply (pid {holder.pid}) to finish with intent {NAME}" in waited.stderr
+        waiting = subprocess.Popen([sys.executable, "-m", "kernform", "apply", "--quiet", "--netns", NS, str(path)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=lab, cwd=ROOT)
+        assert waiting.stderr is not None
+        said = waiting.stderr.readline()
+        assert f"waiting for kernform apply (pid {holder.pid}) to finish with intent {NAME}" in said, said
+        assert holder.stdin is not None
+        holder.stdin.write("release\n")
+        holder.stdin.flush()
+        _, rest = waiting.communicate(timeout=60)
+        assert waiting.returncode == 0, said + rest
     finally:
+        if holder.stdin is not None and not holder.stdin.closed:
+            holder.stdin.close()
         holder.wait(10)
     assert not list(run_dir.glob("*.lock"))
