@@ -368,6 +368,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         backend=args.backend,
         netns=args.netns,
         resync=args.resync,
+        bpf_check=args.bpf_check,
         debounce=args.debounce_ms / 1000,
         metrics=args.metrics,
         prune=args.prune,
@@ -473,6 +474,9 @@ def parser() -> argparse.ArgumentParser:
     with_netns(p)
     p.add_argument("--resync", type=_positive, default=30.0, metavar="SECONDS",
                    help="full pass at least this often, events or not (default 30)")
+    p.add_argument("--bpf-check", type=float, default=0.5, metavar="SECONDS",
+                   help="read the ebpf intents' BPF state this often to find drift no kernel event announces "
+                        "(a detached link, a replaced program, a map entry written by hand); 0: only at passes")
     p.add_argument("--metrics", metavar="ADDR", help="serve Prometheus metrics on [HOST:]PORT")
     p.add_argument("--debounce-ms", type=_positive, default=30.0, metavar="MS",
                    help="quiet time after the last event before a pass (default 30)")

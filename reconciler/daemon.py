@@ -60,10 +60,18 @@ from compiler import compile_intent
 from compiler.conflicts import find as find_conflicts
 from compiler.errors import ApplyError, BackendUnavailable, IntentError, KernelError, KernformError, Problem
 from compiler.loader import MAX_FILE_BYTES, LoadedIntent, parse_text, read_intent_bytes, split_documents
-from compiler.objects import DesiredState, count_by_kind, nft_table_name
+from compiler.objects import (
+    BPF_KINDS,
+    BpfMapEntry,
+    DesiredState,
+    KernelObject,
+    ObjectKey,
+    count_by_kind,
+    nft_table_name,
+)
 
 from .applied import allocate_slots, applied_conflicts
-from .apply import apply, destroy, make_plan
+from .apply import apply, complete, destroy, make_plan
 from .audit import Cause
 from .drivers.events import KernelEvents, WatchScope
 from .lock import RUN_DIR, IntentLock, LockHeld
@@ -71,13 +79,14 @@ from .log import event
 from .metrics import DaemonMetrics
 from .netns import path_of
 from .observe import Target
-from .plan import Action, Plan
+from .plan import Action, Plan, diff
 from .watchers import INTENT_SUFFIXES, Debouncer, DirectoryWatcher, FileWatcher
 
 log = logging.getLogger("kernform.watch")
 
 ACTIONS_LOGGED = 50
 START_QUIET = 0.1  # seconds: a file changed more recently than this at start may still be being written
+ENTRY_CHECK_SHARE = 20  # the BPF map-entry check waits 20x its own duration: at most 5% of a CPU
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,7 @@ class WatchSettings:
     retry_min: float = 0.5
     retry_max: float = 30.0
     prune: bool = False  # a directory's intent whose file or document is gone is destroyed (else left in place)
+    bpf_check: float = 0.5  # seconds between reads of the ebpf intents' BPF state (0: only at passes)
 
 
 def _name_this_thread(name: str) -> None:
@@ -172,6 +182,7 @@ class Daemon:
         self.thread_name = f"kfw-{secrets.token_hex(4)}"  # unique: nft events committed under it are ours
         self._stop = threading.Event()
         self._state = _State()
+        self._next_entry_check = 0.0  # when the BPF drift check next reads map entries (monotonic)
         self._directory = settings.file.is_dir()
         self._sources: dict[str, _Source] = {}
         self._intents: dict[str, _Intent] = {}
@@ -345,16 +356,64 @@ class Daemon:
             self._pass(target, reasons)
             if self._stop.is_set():
                 return
-            now = time.monotonic()
-            wake = now + self.settings.resync
+            wake = time.monotonic() + self.settings.resync
             if self._state.retry_at is not None:
                 wake = min(wake, self._state.retry_at)
-            reasons = self.debouncer.wait(wake - now)
+            reasons = self._wait(target, wake)
             if self._stop.is_set():
                 return
             if not reasons:
                 retrying = self._state.retry_at is not None and time.monotonic() >= self._state.retry_at - 0.001
                 reasons = ("retry",) if retrying else ("resync",)
+
+    def _wait(self, target: Target, wake: float) -> tuple[str, ...]:
+        """Events until `wake`; meanwhile, the BPF state of the ebpf intents is read every `bpf_check`
+        seconds: nothing in the kernel announces a detached link, a replaced program or a map entry written
+        by hand (tc filters do announce themselves), so drift there is found by looking."""
+        while True:
+            now = time.monotonic()
+            checking = self.settings.bpf_check > 0 and any(
+                i.converged is not None and i.converged.backend == "ebpf" for i in self._intents.values())
+            until = min(wake, now + self.settings.bpf_check) if checking else wake
+            reasons = self.debouncer.wait(max(0.0, until - now))
+            if reasons or self._stop.is_set() or time.monotonic() >= wake - 0.001:
+                return reasons
+            # Programs and attachments at every check (a few syscalls each); map entries when their last
+            # read is paid for: reading a map costs what it holds (a 10,000-prefix LPM trie: 60-90 ms
+            # here), and the entry check may use at most 1/ENTRY_CHECK_SHARE of a CPU.
+            entries = time.monotonic() >= self._next_entry_check
+            started = time.monotonic()
+            drift = self._bpf_drift(target, entries)
+            if entries:
+                cost = time.monotonic() - started
+                self._next_entry_check = time.monotonic() + max(self.settings.bpf_check, cost * ENTRY_CHECK_SHARE)
+            if drift:
+                self.metrics.events.labels("kernel").inc()
+                return (f"kernel bpf drift: {drift}",)
+
+    def _bpf_drift(self, target: Target, entries: bool) -> str | None:
+        """The first BPF object of a converged ebpf intent that the kernel no longer holds as verified
+        (programs, attachments and leftovers; map entries too when `entries`)."""
+        for name, known in self._intents.items():
+            desired = known.converged
+            if desired is None or desired.backend != "ebpf":
+                continue
+            try:
+                wanted = {k: o for k, o in complete(target, desired).by_key().items() if k.kind in BPF_KINDS}
+                if entries:
+                    target.bpf.forget()
+                    found: dict[ObjectKey, KernelObject] = dict(target.bpf.observe_index(name))
+                else:
+                    found = dict(target.bpf.observe_programs(name))
+                    wanted = {k: o for k, o in wanted.items() if k.kind != BpfMapEntry.kind}
+            except KernformError as exc:
+                return f"intent {name}: {exc}"
+            plan = diff(name, "ebpf", target.label, wanted, found)
+            if not plan.empty:
+                action = plan.actions[0]
+                return f"intent {name}: {action.op} {action.key.kind} {action.key.name}" + (
+                    f" and {len(plan.actions) - 1} more" if len(plan.actions) > 1 else "")
+        return None
 
     # ------------------------------------------------------------------ pass
     def _pass(self, target: Target, reasons: tuple[str, ...]) -> None:

@@ -17,7 +17,9 @@ route). This record survives both:
   apply was verified, so at every kill point it names a superset of what the
   kernel holds;
 - it records the namespace's inode: a namespace deleted and created again
-  under the same name does not inherit the old one's record.
+  under the same name does not inherit the old one's record (which is
+  dropped when read). A process running inside the namespace it manages
+  (no --netns) keys its records by that namespace's inode.
 
 Observation reads the union of both records; `destroy` removes the file last.
 """
@@ -35,7 +37,11 @@ from .netns import path_of
 
 
 def _directory(netns: str | None) -> Path:
-    return RUN_DIR / "owned" / (netns or "host")
+    if netns:
+        return RUN_DIR / "owned" / netns
+    # The namespace this process runs in (the host's, or a pod's when kernform runs inside one): several
+    # of those share no name, so their inode tells them apart.
+    return RUN_DIR / "owned" / f"self-{_namespace_inode(None)}"
 
 
 def _record_path(netns: str | None, intent: str) -> Path:
@@ -55,7 +61,12 @@ def recorded_tables(netns: str | None, intent: str) -> frozenset[int]:
         data = json.loads(_record_path(netns, intent).read_text())
     except (OSError, ValueError):
         return frozenset()
-    if not isinstance(data, dict) or data.get("netns_inode") != _namespace_inode(netns):
+    current = _namespace_inode(netns)
+    if not isinstance(data, dict) or data.get("netns_inode") != current:
+        if current is not None:
+            # The record of a namespace that is gone (this name now stands for another one): drop it.
+            with contextlib.suppress(OSError):
+                _record_path(netns, intent).unlink()
         return frozenset()
     tables = data.get("routing_tables", [])
     return frozenset(t for t in tables if isinstance(t, int)) if isinstance(tables, list) else frozenset()
@@ -83,20 +94,31 @@ def settle(netns: str | None, intent: str, tables: Iterable[int]) -> None:
     """The kernel was verified to hold exactly the intent's objects in `tables`: record just those
     (no table: no record)."""
     wanted = frozenset(tables)
-    if wanted == recorded_tables(netns, intent) and (wanted or not _record_path(netns, intent).exists()):
+    path = _record_path(netns, intent)
+    if not path.parent.is_dir():
+        if wanted:
+            _write(netns, intent, wanted)
         return
     if not wanted:
-        with contextlib.suppress(FileNotFoundError):
-            _record_path(netns, intent).unlink()
+        # The record and any temporary file of an earlier run killed before its rename.
+        for stale in [path, *path.parent.glob(f".{path.name}.*")]:
+            with contextlib.suppress(OSError):
+                stale.unlink()
         with contextlib.suppress(OSError):
-            _directory(netns).rmdir()
+            path.parent.rmdir()
         return
-    _write(netns, intent, wanted)
+    if wanted != recorded_tables(netns, intent):
+        _write(netns, intent, wanted)
 
 
 def _write(netns: str | None, intent: str, tables: frozenset[int]) -> None:
     path = _record_path(netns, intent)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # A temporary file of an earlier run killed before its rename (runs of one intent are serialised by
+    # its lock, so none of these is being written now).
+    for stale in path.parent.glob(f".{path.name}.*"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
     body = json.dumps({"intent": intent, "netns": netns, "netns_inode": _namespace_inode(netns),
                        "routing_tables": sorted(tables)})
     temporary = path.with_name(f".{path.name}.{os.getpid()}")

@@ -573,9 +573,18 @@ class BpfDriver:
 
     def observe_index(self, intent: str) -> dict[ObjectKey, BpfProgram | BpfMapEntry | BpfLeftover]:
         """`observe`, by key. Programs and attachments are always read; entries may be the kept ones."""
+        return self._observe(intent, with_entries=True)
+
+    def observe_programs(self, intent: str) -> dict[ObjectKey, BpfProgram | BpfLeftover]:
+        """The programs with their live attachments, and leftovers, without reading any map (cheap: a few
+        syscalls per program); kept entries are left as they are."""
+        return {k: o for k, o in self._observe(intent, with_entries=False).items() if not isinstance(o, BpfMapEntry)}
+
+    def _observe(self, intent: str, with_entries: bool) -> dict[ObjectKey, BpfProgram | BpfMapEntry | BpfLeftover]:
         result: dict[ObjectKey, BpfProgram | BpfMapEntry | BpfLeftover] = {}
         known = self._known_entries
-        self._known_entries = {}
+        if with_entries:
+            self._known_entries = {}
         for name, dirs in sorted(self._program_dirs(intent).items()):
             ranked = []
             for pdir in dirs:
@@ -593,7 +602,7 @@ class BpfDriver:
                 digest = primary.digest
             program = BpfProgram(name, source or "", tuple(sorted(live)), primary.cflags(), digest)
             result[program.key] = program
-            if source is None:
+            if source is None or not with_entries:
                 continue
             kept = known.get((name, digest))
             fresh = self._read_entries(name, source, primary, None if kept is None else PROXY_FAMILIES)
@@ -606,7 +615,8 @@ class BpfDriver:
             self._known_entries[(name, digest)] = maps
             for entries in maps.values():
                 result.update(entries)
-        self._adopted &= set(self._known_entries)
+        if with_entries:
+            self._adopted &= set(self._known_entries)
         for leftover in self._leftovers(intent, [o for o in result.values() if isinstance(o, BpfProgram)]):
             result[leftover.key] = leftover
         return result

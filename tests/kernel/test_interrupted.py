@@ -112,6 +112,8 @@ def namespace() -> Iterator[str]:
         finally:
             proxy.kill()
             proxy.wait()
+            for backend in ("tproxy", "ebpf"):  # a test cut short leaves nothing behind either
+                kernform("destroy", "--netns", NS, "--intent", f"killed-{backend}-{PID}")
     finally:
         sh("ip", "-n", NS, "link", "del", DEV, check=False)
         sh("ip", "netns", "del", NS, check=False)
@@ -180,8 +182,8 @@ def what_is_left(intent: str) -> list[str]:
     if cgroup.exists():
         left.append(f"cgroup {cgroup}")
     run_dir = Path(os.environ.get("KERNFORM_RUN_DIR", "/run/kernform"))
-    left += [f"run file {p}" for p in [run_dir / "owned" / NS / f"{intent}.json", run_dir / f"{NS}-{intent}.lock"]
-             if p.exists()]
+    left += [f"run file {p}" for p in [run_dir / "owned" / NS / f"{intent}.json", run_dir / f"{NS}-{intent}.lock",
+                                       *(run_dir / "owned" / NS).glob(f".{intent}.json.*")] if p.exists()]
     return left
 
 
