@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
+import socket
+import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +30,7 @@ from compiler.objects import DesiredState, count_by_kind
 from compiler.render import render
 
 if TYPE_CHECKING:
+    from compiler.management import Connection
     from reconciler.observe import Target
 
 # The reconciler (pyroute2, libnftables) is imported by the commands that touch
@@ -194,17 +199,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_apply(args: argparse.Namespace) -> int:
     from reconciler.apply import apply, make_plan
     from reconciler.audit import Cause
+    from reconciler.checkpoint import take
     from reconciler.observe import Target
     from reconciler.plan import render_text
 
     loaded = load_inputs(args.files)
     several = len(loaded) > 1
     done: list[str] = []
+    trials: list[str] = []
     with contextlib.ExitStack() as locks, Target(args.netns) as target:
         _lock_intents(locks, args, [item.intent.metadata.name for item in loaded], "apply")
         loaded, desired, slots = _checked(args, loaded, target)
         # Every refusal before the first intent touches the kernel.
         _refuse_applied_conflicts(target, loaded, desired, slots)
+        _refuse_pending_checkpoints(args, loaded)
+        if not args.force:
+            _refuse_cutting_the_session(args, target, loaded)
         # Intent by intent, in input order; each apply is atomic and verified on its own.
         for index, (item, wanted) in enumerate(zip(loaded, desired, strict=True)):
             name = item.intent.metadata.name
@@ -217,8 +227,15 @@ def cmd_apply(args: argparse.Namespace) -> int:
                         print(f"intent {name}: no changes.")
                     done.append(name)
                     continue
+                if args.confirm_within:
+                    take(target, observed, args.confirm_within)
+                    trials.append(name)
                 result = apply(target, wanted, plan, observed, cause=Cause.of_text("cli", item.path, item.text))
             except KernformError as exc:
+                if trials:
+                    # A trial is all or nothing: the intents already applied on trial go back too (the
+                    # failed one kept its previous state), and no checkpoint is left without its waiter.
+                    _roll_back_trials(args, target, trials, name)
                 if not several:
                     raise
                 _print_error(exc)
@@ -234,8 +251,191 @@ def cmd_apply(args: argparse.Namespace) -> int:
                 f"({result.operations} kernel operations, {result.seconds * 1000:.0f} ms); verified."
             )
             done.append(name)
+        if trials:
+            return _on_trial(args, target, trials)
     if several:
         print(f"Applied {len(done)} intents on {target.label}: {', '.join(done)}.")
+    return 0
+
+
+def _refuse_pending_checkpoints(args: argparse.Namespace, loaded: Sequence[LoadedIntent]) -> None:
+    from reconciler import checkpoint
+
+    for item in loaded:
+        name = item.intent.metadata.name
+        held = checkpoint.load(args.netns, name)
+        if held is not None and not held.confirmed:
+            raise KernformError(f"intent {name} has a change awaiting confirmation ({held.remaining:.0f} s left): "
+                                f"`kernform confirm{_netns_flag(args)}` keeps it, `kernform rollback"
+                                f"{_netns_flag(args)}` puts the previous state back")
+
+
+def _netns_flag(args: argparse.Namespace) -> str:
+    return f" --netns {args.netns}" if args.netns else ""
+
+
+def _management_connection(args: argparse.Namespace, target: Target) -> Connection | None:
+    """The SSH connection this command runs over, when it arrives in the target (the namespace kernform
+    runs in: without --netns)."""
+    from compiler.management import Connection
+
+    ssh = os.environ.get("SSH_CONNECTION", "")
+    if args.netns or not ssh:
+        return None
+    connection = Connection.from_ssh(ssh)
+    if connection is None:
+        return None
+    return Connection(connection.client, connection.server, connection.port,
+                      target.netlink.interface_towards(connection.client))
+
+
+def _refuse_cutting_the_session(args: argparse.Namespace, target: Target, loaded: Sequence[LoadedIntent]) -> None:
+    """An intent that would drop, divert or rewrite a new connection like the SSH session this command
+    runs over is refused (--force applies it anyway), at the places of the file that would do it."""
+    from compiler.management import cuts
+
+    connection = _management_connection(args, target)
+    if connection is None:
+        return
+    problems = []
+    for item in loaded:
+        found = cuts(item.intent, connection)
+        problems += item.problems_at([(path, f"{why}; --force applies it anyway") for path, why in found])
+    if problems:
+        raise IntentError(problems)
+
+
+def _on_trial(args: argparse.Namespace, target: Target, names: list[str]) -> int:
+    """After an apply with --confirm-within: run the probes (a failure rolls back at once), then leave a
+    waiter that rolls back unless `kernform confirm` arrives in time."""
+    from reconciler import checkpoint
+    from reconciler.audit import Cause
+
+    probes = list(args.probe)
+    connection = _management_connection(args, target)
+    if not probes and connection is not None:
+        probes.append(f"{connection.server}:{connection.port}")
+    failed = [f"{probe}: {why}" for probe in probes if (why := _probe(args.netns, probe)) is not None]
+    if failed:
+        for name in names:
+            held = checkpoint.load(args.netns, name)
+            if held is not None:
+                checkpoint.revert(target, held, Cause("probe-failed"))
+                checkpoint.discard(args.netns, name)
+        print(f"kernform: probe failed ({'; '.join(failed)}): the previous state was put back.", file=sys.stderr)
+        return 1
+    for name in names:
+        waiter = subprocess.Popen(
+            [sys.executable, "-m", "kernform.cli", "await-confirm", "--intent", name,
+             *(["--netns", args.netns] if args.netns else [])],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True, close_fds=True)  # outlives this command and its SSH session
+        held = checkpoint.load(args.netns, name)
+        if held is not None:
+            checkpoint.save(dataclasses.replace(held, waiter=waiter.pid))
+    passed = f" Probes passed: {', '.join(probes)}." if probes else ""
+    print(f"Applied on trial:{passed} Run `kernform confirm{_netns_flag(args)}` within "
+          f"{args.confirm_within:g} s to keep it; otherwise the previous state is put back "
+          f"(`kernform rollback{_netns_flag(args)}` does it now).")
+    return 0
+
+
+def _roll_back_trials(args: argparse.Namespace, target: Target, trials: list[str], failed: str) -> None:
+    from reconciler import checkpoint
+    from reconciler.audit import Cause
+
+    for name in reversed(trials):
+        held = checkpoint.load(args.netns, name)
+        if held is not None and name != failed:
+            checkpoint.revert(target, held, Cause("trial-failed"))
+        checkpoint.discard(args.netns, name)
+    if len(trials) > 1 or trials[0] != failed:
+        print(f"kernform: the apply on trial failed at intent {failed}: "
+              f"{', '.join(n for n in trials if n != failed)} put back as they were.", file=sys.stderr)
+
+
+def _probe(netns: str | None, probe: str, timeout: float = 3.0) -> str | None:
+    """None when a TCP connection to HOST:PORT succeeds from the target, else why not."""
+    from reconciler.netns import entered
+
+    host, _, port = probe.rpartition(":")
+    host = host.strip("[]")
+    try:
+        with entered(netns):
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        with sock:
+            sock.settimeout(timeout)
+            sock.connect((host, int(port)))
+    except (OSError, ValueError) as exc:
+        return str(exc) or type(exc).__name__
+    return None
+
+
+def _checkpoint_names(args: argparse.Namespace) -> list[str]:
+    from reconciler import checkpoint
+
+    return args.intent or [c.intent for c in checkpoint.pending(args.netns)]
+
+
+def cmd_confirm(args: argparse.Namespace) -> int:
+    from reconciler import checkpoint
+
+    names = _checkpoint_names(args)
+    confirmed = [name for name in names if checkpoint.confirm(args.netns, name)]
+    if not confirmed:
+        print(f"kernform: no change awaits confirmation on {args.netns or 'the host'}.", file=sys.stderr)
+        return 1
+    print(f"Confirmed: {', '.join(confirmed)} keep the applied state.")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from reconciler import checkpoint
+    from reconciler.audit import Cause
+    from reconciler.observe import Target
+
+    names = _checkpoint_names(args)
+    done = []
+    with contextlib.ExitStack() as locks, Target(args.netns) as target:
+        _lock_intents(locks, args, names, "apply")
+        for name in names:
+            held = checkpoint.load(args.netns, name)
+            if held is None or held.confirmed:
+                continue
+            checkpoint.revert(target, held, Cause("cli"))
+            checkpoint.discard(args.netns, name)
+            done.append(name)
+    if not done:
+        print(f"kernform: no change awaits confirmation on {args.netns or 'the host'}.", file=sys.stderr)
+        return 1
+    print(f"Rolled back: {', '.join(done)} hold their previous state again.")
+    return 0
+
+
+def cmd_await_confirm(args: argparse.Namespace) -> int:
+    """The waiter left by `apply --confirm-within`: rolls back at the deadline unless confirmed."""
+    from reconciler import checkpoint
+    from reconciler.audit import Cause
+    from reconciler.observe import Target
+
+    args.no_wait = False
+    while True:
+        held = checkpoint.load(args.netns, args.intent)
+        if held is None:
+            return 0  # rolled back by hand, or discarded
+        if held.confirmed:
+            checkpoint.discard(args.netns, args.intent)
+            return 0
+        if held.remaining <= 0:
+            break
+        time.sleep(min(0.2, held.remaining))
+    with contextlib.ExitStack() as locks, Target(args.netns) as target:
+        _lock_intents(locks, args, [args.intent], "apply")
+        held = checkpoint.load(args.netns, args.intent)
+        if held is not None and not held.confirmed:
+            checkpoint.revert(target, held, Cause("confirm-timeout"))
+        checkpoint.discard(args.netns, args.intent)
     return 0
 
 
@@ -447,7 +647,32 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="list every set element in the plan")
     p.add_argument("--no-wait", action="store_true",
                    help="fail instead of waiting while another kernform run changes one of the intents")
+    p.add_argument("--confirm-within", type=_positive, metavar="SECONDS",
+                   help="keep the change only if `kernform confirm` arrives within SECONDS (and the probes "
+                        "pass); otherwise the previous state is put back")
+    p.add_argument("--probe", action="append", default=[], metavar="HOST:PORT",
+                   help="with --confirm-within: a TCP connect that must succeed from the target after the "
+                        "apply (default when run over SSH: the SSH server's address and port); may be repeated")
+    p.add_argument("--force", action="store_true",
+                   help="apply even an intent that would cut the SSH connection this command runs over")
     p.set_defaults(func=cmd_apply)
+
+    p = sub.add_parser("confirm", help="keep the changes applied with --confirm-within")
+    p.add_argument("--intent", metavar="NAME", action="append",
+                   help="only this intent (default: every change awaiting confirmation in the target)")
+    with_netns(p)
+    p.set_defaults(func=cmd_confirm)
+
+    p = sub.add_parser("rollback", help="put back now the state from before an apply with --confirm-within")
+    p.add_argument("--intent", metavar="NAME", action="append",
+                   help="only this intent (default: every change awaiting confirmation in the target)")
+    with_netns(p)
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("await-confirm", help=argparse.SUPPRESS)
+    p.add_argument("--intent", required=True)
+    with_netns(p)
+    p.set_defaults(func=cmd_await_confirm)
 
     p = sub.add_parser("destroy", help="remove every object the intents own (in reverse input order)")
     with_inputs(p, "*")

@@ -240,6 +240,15 @@ class NetlinkDriver:
                 raise _kernel_error(f"cannot list {what} in {self._where}", error) from exc
         raise TemporaryError(f"listing {what} in {self._where} was interrupted {_DUMP_ATTEMPTS} times")
 
+    def interface_towards(self, address: str) -> str | None:
+        """The interface the namespace's routing would use to reach `address` (None if it cannot tell)."""
+        try:
+            routes = self._socket.route("get", dst=address)
+            index = routes[0].get_attr("RTA_OIF") if routes else None
+            return self._interface_name(index, {}) if index else None
+        except Exception:  # noqa: BLE001 - no route, or a family the namespace lacks: unknown
+            return None
+
     def local_addresses(self) -> list[str]:
         """Every address configured in the namespace (what `fib daddr type local` calls local, less the
         loopback ranges the data path knows by itself); the ebpf backend mirrors them into a map."""
