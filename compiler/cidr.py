@@ -10,6 +10,7 @@ and anything unusual falls back to ipaddress itself.
 from __future__ import annotations
 
 import ipaddress
+import re
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Hashable, Iterable
 from itertools import chain
@@ -119,12 +120,34 @@ def canonical(text: str) -> str:
     return result
 
 
+# A dotted quad as canonical as nft and ipaddress write it (no leading zeros, each part <= 255), with an
+# optional prefix length written without leading zeros: what a large blocklist is made of.
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_CANONICAL_V4 = re.compile(rf"(?:{_OCTET}\.){{3}}{_OCTET}(?:/(?:3[0-2]|[12]?[0-9]))?")
+
+
 def canonical_list(texts: list[str]) -> list[str]:
-    """[canonical(t) for t in texts], at dict-lookup speed for texts seen before."""
+    """[canonical(t) for t in texts], at dict-lookup speed for texts seen before. Texts not seen before
+    that are canonical IPv4 already (a blocklist's hundreds of thousands) are checked in one pass at C
+    speed where it can: a regex for the form (which also bounds every octet), then the value and its host bits."""
     known = list(map(_CANONICAL.get, texts))
-    if None in known:
-        return [canonical(t) for t in texts]
-    return known  # type: ignore[return-value]  # no None in it
+    if None not in known:
+        return known  # type: ignore[return-value]  # no None in it
+    if len(_CANONICAL) + len(texts) >= _MEMO_LIMIT:
+        _CANONICAL.clear()
+        _PARSED.clear()
+    match = _CANONICAL_V4.fullmatch
+    for text, seen in zip(texts, known, strict=True):
+        if seen is not None or not match(text):
+            continue
+        address, slash, length = text.partition("/")
+        prefixlen = int(length) if slash else 32
+        value = int.from_bytes(bytes(map(int, address.split("."))), "big")
+        if value & ((1 << (32 - prefixlen)) - 1):
+            raise ValueError(f"{text} has host bits set")
+        _PARSED[text] = (4, value, prefixlen)
+        _CANONICAL[text] = text if slash else f"{text}/32"
+    return [canonical(t) for t in texts]
 
 
 def element_text(family: int, value: int, prefixlen: int) -> str:

@@ -54,6 +54,7 @@ _FLOW_RUN = re.compile(rf"\[([^{_SPECIAL}]*)\]")
 _ITEM_START_UNFIT = re.compile(r",[ \n]*(?::|-(?:[ \n,]|\Z))")
 _COLON_UNFIT = re.compile(r":(?:[ \n,]|\Z)")
 _COLUMN_0 = re.compile(r"\n[^ \n]")
+_PREFIX = re.compile(r"[0-9A-Fa-f.:]+/[0-9]{1,3}")
 
 # One line of a block-sequence item: a plain scalar, possibly `key: value`, that
 # starts neither a nested sequence nor an empty item.
@@ -201,14 +202,23 @@ def _flow_values(lines: list[str], loader: type) -> list[Any]:
     new_lines = set(lines).difference(line_memo)
     if new_lines:
         # Whitespace around a flow item never changes its value: leaving it out of
-        # the key keeps the memo useful when an edit re-wraps the lines.
-        items = {line: list(map(str.strip, line.split(","), repeat(" \n"))) for line in new_lines}
-        keys = list(chain.from_iterable(items.values()))
+        # the key keeps the memo useful when an edit re-wraps the lines. A line of
+        # one item (a long list written one per line) is the common case: no split.
+        singles = {line: line.strip(" \n") for line in new_lines if "," not in line}
+        items = {line: list(map(str.strip, line.split(","), repeat(" \n"))) for line in new_lines
+                 if line not in singles}
+        keys = [*singles.values(), *chain.from_iterable(items.values())]
         if "" in keys:
             raise _Unfit  # an empty item: an error for the parser to report
         item_memo = _memo(loader, "flow item")
+        # An address with a prefix length is a string under every schema (no number, boolean or null, in
+        # YAML 1.2 or 1.1, contains a '/'): a blocklist's CIDRs need no parser at all.
+        prefix = _PREFIX.fullmatch
+        item_memo.update((key, key) for key in keys if prefix(key) and key not in item_memo)
         _parse_missing(keys, item_memo, lambda batch: "[" + ", ".join(batch) + "]", _is_scalar, loader)
-        line_memo.update((line, tuple(map(item_memo.__getitem__, keys))) for line, keys in items.items())
+        value = item_memo.__getitem__
+        line_memo.update(zip(singles, zip(map(value, singles.values())), strict=True))
+        line_memo.update((line, tuple(map(value, keys))) for line, keys in items.items())
     return list(chain.from_iterable(map(line_memo.__getitem__, lines)))
 
 

@@ -83,3 +83,24 @@ def test_incremental_collapse_survives_a_bad_text() -> None:
     with pytest.raises(ValueError):
         incremental(["10.0.0.0/24", "10.0.0.1/24"])
     assert incremental(["10.0.1.0/24"]) == {4: ["10.0.1.0/24"]}
+
+
+def test_the_bulk_ipv4_path_agrees_with_the_one_by_one_path() -> None:
+    """canonical_list's fast path for unseen canonical IPv4 texts gives what ipaddress gives, and refuses
+    what it refuses (its memos emptied first, so nothing is a memo hit)."""
+    import ipaddress
+
+    from compiler import cidr
+
+    valid = ["10.0.0.0/8", "192.0.2.7", "0.0.0.0/0", "255.255.255.255", "100.64.0.0/10", "1.2.3.4/32", "fd00::/8",
+             "::1", "172.16.0.0/12", "198.51.100.128/25"]
+    cidr._CANONICAL.clear()
+    cidr._PARSED.clear()
+    assert cidr.canonical_list(valid) == [ipaddress.ip_network(t, strict=True).with_prefixlen for t in valid]
+    for bad in ("10.0.0.1/8", "192.0.2.128/24", "010.0.0.0/8", "10.0.0.0/08", "256.0.0.0/8", "10.0.0.0/33"):
+        cidr._CANONICAL.clear()
+        cidr._PARSED.clear()
+        with pytest.raises(ValueError):
+            ipaddress.ip_network(bad, strict=True)
+        with pytest.raises(ValueError):
+            cidr.canonical_list([bad])
