@@ -45,9 +45,11 @@ listen on.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from . import cidr
 from .allocation import assign_slots, default_cgroup, in_target, marks_overlap, with_slot
@@ -428,3 +430,54 @@ class _Match:
         elif self.cgroup is not None and other.cgroup is not None:
             words.append(f"from processes of cgroup {max(self.cgroup, other.cgroup, key=len)}")
         return " ".join(words)
+
+
+# ------------------------------------------------------------ against applied intents
+def claims_record(intent: NetworkIntent, backend: str) -> dict[str, Any]:
+    """What an applied intent takes that another intent's apply must check and the kernel cannot tell
+    (reconciler.ownership keeps it): its interception rules and, on ebpf, the cgroup of its socket
+    programs. `intent` as applied in its target (compiler.allocation.in_target). Plain data (JSON)."""
+    record: dict[str, Any] = {"backend": backend}
+    if backend == "ebpf" and _uses_cgroup(intent):
+        record["cgroup"] = ebpf_cgroup(intent)
+    rules = intent.spec.interception.rules
+    if rules:
+        record["interception"] = [rule.model_dump(mode="json", by_alias=True) for rule in rules]
+    return record
+
+
+def against_record(intent: NetworkIntent, backend: str, other: str, record: Mapping[str, Any],
+                   where: str) -> list[tuple[DocPath, str]]:
+    """Collisions of `intent` (as applied in the target) with intent `other` applied there, from its
+    claims_record: overlapping interception to another proxy, the same socket-program cgroup."""
+    found: list[tuple[DocPath, str]] = []
+    owner = f"intent {other!r} applied in {where}"
+    theirs_backend = str(record.get("backend", "tproxy"))
+    cgroup = record.get("cgroup")
+    for claim in _cgroups(intent, backend):
+        if cgroup is not None and claim.value == cgroup:
+            found.append((claim.path, f"{claim.label} conflicts with {owner}, whose socket programs are attached "
+                                      f"there: {REASONS['cgroup']}"))
+    theirs: list[tuple[InterceptionRule, _Match]] = []
+    for data in record.get("interception", []) or []:
+        try:
+            rule = InterceptionRule.model_validate(data)
+        except ValueError:
+            continue  # a record of another version of kernform: nothing to compare it with
+        match = _Match.of(intent, rule, theirs_backend)
+        if match.cgroup is not None:
+            match = dataclasses.replace(match, cgroup=str(cgroup) if cgroup else None)
+        theirs.append((rule, match))
+    for index, rule in enumerate(intent.spec.interception.rules):
+        mine = _Match.of(intent, rule, backend)
+        for other_rule, other_match in theirs:
+            if other_rule.proxy_port == rule.proxy_port:
+                continue
+            overlap = mine.overlap(other_match)
+            if overlap:
+                found.append((("spec", "interception", "rules", index), (
+                    f"{rule.direction} interception rule {rule.name!r} (to proxy port {rule.proxy_port}) conflicts "
+                    f"with rule {other_rule.name!r} (to proxy port {other_rule.proxy_port}) of {owner}: both "
+                    f"match {overlap}: {REASONS['interception']}")))
+                break
+    return found

@@ -225,6 +225,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
                 if plan.empty:
                     if several and args.quiet:
                         print(f"intent {name}: no changes.")
+                    _record_claims(args, item, wanted)
                     done.append(name)
                     continue
                 if args.confirm_within:
@@ -244,6 +245,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
                       f"{target.label}: {', '.join(done) or 'none'}; not applied: {', '.join([name, *rest])}.",
                       file=sys.stderr)
                 return 1
+            _record_claims(args, item, wanted)
             counts = plan.counts()
             print(
                 f"Apply complete{f' (intent {name})' if several else ''}: {counts['add']} added, "
@@ -256,6 +258,16 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if several:
         print(f"Applied {len(done)} intents on {target.label}: {', '.join(done)}.")
     return 0
+
+
+def _record_claims(args: argparse.Namespace, item: LoadedIntent, wanted: DesiredState) -> None:
+    """What the applied intent takes, for later applies of other intents to check (reconciler.applied)."""
+    from compiler.allocation import in_target
+    from compiler.conflicts import claims_record
+    from reconciler import ownership
+
+    ownership.record_claims(args.netns, item.intent.metadata.name,
+                            claims_record(in_target(item.intent, args.netns), wanted.backend))
 
 
 def _refuse_pending_checkpoints(args: argparse.Namespace, loaded: Sequence[LoadedIntent]) -> None:

@@ -21,10 +21,13 @@ table `kernform-<name>` or its BPF pin directory, reconciler.status.applied_inte
 - VIPs: the VIP record of its nft table (compiler.objects.VIP_SETS, both
   backends) against the new intent's services.
 
-Not checked, because it would need the other intent's desired objects rebuilt
-from nft rules and BPF maps: overlapping interception rules and ebpf cgroups
-given explicitly (default cgroups are per intent; tc filters have a handle per
-intent), and a routing.rules fwmark selector of the new intent against
+- interception rules and the cgroup of socket programs: from the record each
+  apply leaves (reconciler.ownership, compiler.conflicts.claims_record),
+  compared as compiler/conflicts.py compares two files' intents (overlapping
+  interception to another proxy, the same cgroup). An intent applied by a
+  kernform that wrote no such record is not compared this way.
+
+Not checked: a routing.rules fwmark selector of the new intent against
 another's mark.
 
 An applied intent that is also in the inputs is compared as it is applied now
@@ -37,17 +40,18 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import cast
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 from compiler.allocation import Taken, assign_slots, in_target, needs_slot, with_slot
-from compiler.conflicts import REASONS, claims, marks_overlap
+from compiler.conflicts import REASONS, against_record, claims, marks_overlap
 from compiler.errors import DocPath, Problem
 from compiler.intent import NetworkIntent
 from compiler.loader import LoadedIntent
 from compiler.objects import OWNED_TABLES_SET, VIP_SETS, DesiredState, IpRoute, IpRule, NftElement, nft_table_name
 from compiler.routing import parse_mark
 
+from . import ownership
 from .observe import Target
 from .status import applied_intents
 
@@ -65,6 +69,8 @@ class AppliedClaims:
     """Its interception rules: fwmark rules looking up a table that holds a local default route."""
     vips: frozenset[tuple[str, int, str]] = frozenset()
     """The VIPs it balances (address, port, protocol), from its VIP record (compiler.objects.VIP_SETS)."""
+    record: Mapping[str, Any] = field(default_factory=dict)
+    """Its interception rules and cgroup as recorded when it was applied (compiler.conflicts.claims_record)."""
 
 
 def read_applied(target: Target, intent: str) -> AppliedClaims:
@@ -82,7 +88,8 @@ def read_applied(target: Target, intent: str) -> AppliedClaims:
         if isinstance(o, NftElement) and o.set in record:
             address, protocol, port = o.element.split(" . ")
             vips.add((address, int(port), protocol))
-    return AppliedClaims(intent, frozenset(tables), rules, marks, frozenset(vips))
+    return AppliedClaims(intent, frozenset(tables), rules, marks, frozenset(vips),
+                         ownership.recorded_claims(target.netns, intent))
 
 
 def allocate_slots(target: Target | None, loaded: Sequence[LoadedIntent], backend: str | None) -> dict[str, int]:
@@ -184,4 +191,5 @@ def _collisions(loaded: LoadedIntent, intent: NetworkIntent, desired: DesiredSta
                     f"{label} conflicts with {owner}, whose interception rule `{rule.describe()}` takes packets "
                     f"with that mark: {REASONS['fwmark']}")))
                 break
+    found += against_record(intent, desired.backend, other.intent, other.record, where)
     return found

@@ -87,7 +87,7 @@ def apply(target: Target, desired: DesiredState, plan: Plan | None = None,
         raise
     # Verified (or nothing to do, which the same observation proves): the kernel holds the intent's
     # routes and rules in exactly its wanted tables.
-    ownership.settle(target.netns, desired.intent, desired.routing_tables)
+    ownership.settle(target.netns, desired.intent, desired.routing_tables, destroyed=verb == "destroy")
     if not plan.empty:
         done = {"apply": "applied", "destroy": "destroyed", "repair": "repaired"}.get(verb, verb)
         audit.record(verb, desired.intent, target.label, cause, _audited(plan), done, operations=result.operations)

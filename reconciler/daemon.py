@@ -57,6 +57,8 @@ from types import FrameType
 from typing import Any
 
 from compiler import compile_intent
+from compiler.allocation import in_target
+from compiler.conflicts import claims_record
 from compiler.conflicts import find as find_conflicts
 from compiler.errors import ApplyError, BackendUnavailable, IntentError, KernelError, KernformError, Problem
 from compiler.loader import MAX_FILE_BYTES, LoadedIntent, parse_text, read_intent_bytes, split_documents
@@ -70,6 +72,7 @@ from compiler.objects import (
     nft_table_name,
 )
 
+from . import ownership
 from .applied import allocate_slots, applied_conflicts
 from .apply import apply, complete, destroy, make_plan
 from .audit import Cause
@@ -520,13 +523,25 @@ class Daemon:
                   intent=desired.intent, trigger=trigger, reasons=list(reasons),
                   duration_ms=round((time.perf_counter() - started) * 1000, 1))
         known.converged = desired
+        self._record_claims(desired)
         self.metrics.intent_in_sync.labels(desired.intent).set(1)
+
+    def _item(self, name: str) -> LoadedIntent | None:
+        known = self._intents.get(name)
+        source = self._sources.get(known.file) if known is not None else None
+        return next((i for i in source.intents if i.intent.metadata.name == name), None) if source else None
+
+    def _record_claims(self, desired: DesiredState) -> None:
+        """What the applied intent takes, for other intents' applies to check (reconciler.applied)."""
+        item = self._item(desired.intent)
+        if item is not None:
+            ownership.record_claims(self.settings.netns, desired.intent,
+                                    claims_record(in_target(item.intent, self.settings.netns), desired.backend))
 
     def _cause(self, name: str, trigger: str) -> Cause:
         """The audit cause of a pass over intent `name`: the trigger, its file and the sha256 of its text."""
         known = self._intents.get(name)
-        source = self._sources.get(known.file) if known is not None else None
-        item = next((i for i in source.intents if i.intent.metadata.name == name), None) if source else None
+        item = self._item(name)
         return Cause.of_text(trigger, known.file if known else None, item.text if item is not None else None)
 
     def _gone(self, target: Target, name: str) -> None:

@@ -31,6 +31,7 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from .lock import RUN_DIR
 from .netns import path_of
@@ -55,30 +56,37 @@ def _namespace_inode(netns: str | None) -> int | None:
         return None
 
 
-def recorded_tables(netns: str | None, intent: str) -> frozenset[int]:
-    """The routing tables recorded for `intent` in this target (empty when there is no valid record)."""
+def _read(netns: str | None, intent: str) -> dict[str, Any] | None:
+    """The intent's record in this target, None when there is no valid one."""
     try:
         data = json.loads(_record_path(netns, intent).read_text())
     except (OSError, ValueError):
-        return frozenset()
+        return None
     current = _namespace_inode(netns)
     if not isinstance(data, dict) or data.get("netns_inode") != current:
         if current is not None:
             # The record of a namespace that is gone (this name now stands for another one): drop it.
             with contextlib.suppress(OSError):
                 _record_path(netns, intent).unlink()
-        return frozenset()
-    tables = data.get("routing_tables", [])
+        return None
+    return data
+
+
+def recorded_tables(netns: str | None, intent: str) -> frozenset[int]:
+    """The routing tables recorded for `intent` in this target (empty when there is no valid record)."""
+    tables = (_read(netns, intent) or {}).get("routing_tables", [])
     return frozenset(t for t in tables if isinstance(t, int)) if isinstance(tables, list) else frozenset()
+
+
+def recorded_claims(netns: str | None, intent: str) -> dict[str, Any]:
+    """What the intent declared it takes when it was applied (reconciler.applied reads it), {} if unknown."""
+    claims = (_read(netns, intent) or {}).get("claims")
+    return claims if isinstance(claims, dict) else {}
 
 
 def recorded_intents(netns: str | None) -> list[str]:
     """The intents with a valid record in this target."""
-    names = []
-    for path in sorted(_directory(netns).glob("*.json")):
-        if recorded_tables(netns, path.stem):
-            names.append(path.stem)
-    return names
+    return [path.stem for path in sorted(_directory(netns).glob("*.json")) if _read(netns, path.stem) is not None]
 
 
 def widen(netns: str | None, intent: str, tables: Iterable[int]) -> None:
@@ -90,16 +98,25 @@ def widen(netns: str | None, intent: str, tables: Iterable[int]) -> None:
     _write(netns, intent, known | wanted)
 
 
-def settle(netns: str | None, intent: str, tables: Iterable[int]) -> None:
-    """The kernel was verified to hold exactly the intent's objects in `tables`: record just those
-    (no table: no record)."""
+def record_claims(netns: str | None, intent: str, claims: dict[str, Any]) -> None:
+    """Keep what the applied intent takes (its interception rules, its cgroup) for later applies of
+    other intents to check against; written after a verified apply."""
+    record = _read(netns, intent)
+    if record is not None and record.get("claims") == claims:
+        return
+    _write(netns, intent, recorded_tables(netns, intent), claims)
+
+
+def settle(netns: str | None, intent: str, tables: Iterable[int], destroyed: bool = False) -> None:
+    """The kernel was verified to hold exactly the intent's objects in `tables`: record just those. After
+    a destroy (`destroyed`) the record goes altogether."""
     wanted = frozenset(tables)
     path = _record_path(netns, intent)
     if not path.parent.is_dir():
         if wanted:
             _write(netns, intent, wanted)
         return
-    if not wanted:
+    if destroyed or (not wanted and not recorded_claims(netns, intent)):
         # The record and any temporary file of an earlier run killed before its rename.
         for stale in [path, *path.parent.glob(f".{path.name}.*")]:
             with contextlib.suppress(OSError):
@@ -111,7 +128,10 @@ def settle(netns: str | None, intent: str, tables: Iterable[int]) -> None:
         _write(netns, intent, wanted)
 
 
-def _write(netns: str | None, intent: str, tables: frozenset[int]) -> None:
+def _write(netns: str | None, intent: str, tables: frozenset[int], claims: dict[str, Any] | None = None) -> None:
+    """Write the record (atomically); without `claims`, the recorded ones are kept."""
+    if claims is None:
+        claims = recorded_claims(netns, intent)
     path = _record_path(netns, intent)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A temporary file of an earlier run killed before its rename (runs of one intent are serialised by
@@ -120,7 +140,7 @@ def _write(netns: str | None, intent: str, tables: frozenset[int]) -> None:
         with contextlib.suppress(OSError):
             stale.unlink()
     body = json.dumps({"intent": intent, "netns": netns, "netns_inode": _namespace_inode(netns),
-                       "routing_tables": sorted(tables)})
+                       "routing_tables": sorted(tables), **({"claims": claims} if claims else {})})
     temporary = path.with_name(f".{path.name}.{os.getpid()}")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:

@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     from compiler.intent import NetworkIntent
 
     from .drivers.nft import NftObservation
+from . import ownership
 from .lock import lock_path
 from .observe import ObservedState, Target
 
@@ -127,6 +128,8 @@ def applied_intents(target: Target) -> list[str]:
     except OSError:  # no bpffs, or no kernform pins at all
         pinned = []
     names.update(name for name in pinned if name and intent_pin_dir(name, target.netns).is_dir())
+    # And those whose nft table is gone (nft flush ruleset) but whose routes kernform still records.
+    names.update(ownership.recorded_intents(target.netns))
     return sorted(names)
 
 
