@@ -86,11 +86,14 @@ def path_of(netns: str | None, intent: str) -> Path:
 def take(target: Target, observed: ObservedState, within: float) -> Checkpoint:
     """The previous state of the observed intent, kept until `within` seconds from now."""
     snapshot = target.nft.snapshot(observed.nft.table) if observed.nft.exists else None
+    netlink = tuple(o for o in observed.netlink if o.kind in NETLINK_KINDS)
+    # The tables the intent owned then (not those the new version wants, which the observation also read).
+    owned = (observed.nft.owned_tables | ownership.recorded_tables(target.netns, observed.intent)
+             | {o.table for o in netlink if isinstance(o, IpRoute | IpRule)})
     checkpoint = Checkpoint(
-        observed.intent, target.netns, time.time() + within, snapshot,
-        tuple(o for o in observed.netlink if o.kind in NETLINK_KINDS),
+        observed.intent, target.netns, time.time() + within, snapshot, netlink,
         tuple(o for o in observed.bpf if o.kind in BPF_KINDS and not isinstance(o, BpfLeftover)),
-        frozenset(observed.routing_tables))
+        frozenset(owned))
     save(checkpoint)
     return checkpoint
 
@@ -177,7 +180,9 @@ def revert(target: Target, checkpoint: Checkpoint, cause: Cause) -> int:
     residual = _residual(target, checkpoint, tables)
     if not residual.empty:
         raise ApplyError(f"intent {intent}: rolling back left {len(residual.actions)} differences", residual)
-    ownership.settle(target.netns, intent, checkpoint.routing_tables)
+    # An intent that held nothing before the trial holds nothing now: its record goes too.
+    ownership.settle(target.netns, intent, checkpoint.routing_tables,
+                     destroyed=checkpoint.nft_snapshot is None and not checkpoint.netlink and not checkpoint.bpf)
     audit.record("rollback", intent, target.label, cause,
                  [{"op": "restore", "kind": "checkpoint", "key": intent, "origin": ""}], "rolled back",
                  operations=actions)

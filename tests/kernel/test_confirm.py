@@ -154,6 +154,8 @@ def test_a_trial_from_nothing_leaves_nothing_when_it_times_out(namespace: str, t
     assert wait_for(lambda: not checkpoint_file(intent).exists(), 30)
     assert "proto 158" not in sh("ip", "-n", NS, "route", "show", "table", "all")
     assert f"kernform-{intent}" not in sh("ip", "netns", "exec", NS, "nft", "list", "tables")
+    run_dir = Path(os.environ.get("KERNFORM_RUN_DIR", "/run/kernform"))
+    assert not (run_dir / "owned" / NS / f"{intent}.json").exists()
 
 
 def test_an_intent_that_would_cut_the_ssh_session_is_refused_unless_forced(namespace: str, tmp_path: Path) -> None:
