@@ -488,6 +488,7 @@ def _counter_origin(name: str) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from reconciler import checkpoint
     from reconciler.apply import make_plan
     from reconciler.lock import RUN_DIR
     from reconciler.observe import Target
@@ -531,6 +532,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             shown = [args.backend] if args.backend else list(found)
             entry["counters"] = counters(target, observed, shown, loaded.intent if loaded else None, desired)
             entry["watch"] = watch_record(RUN_DIR, args.netns, name)
+            trial = checkpoint.load(args.netns, name)
+            entry["trial"] = (None if trial is None or trial.confirmed
+                              else {"secondsLeft": round(max(0.0, trial.remaining), 1), "waiter": trial.waiter})
             report.append(entry)
     if args.json:
         print(json.dumps({"target": target.label, "intents": report}, indent=2))
@@ -560,6 +564,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         else:
             health = "healthy" if watch.get("health") == "ok" else f"{watch.get('health')}: {watch.get('reason')}"
             print(f"  watch: kernform watch pid {watch.get('pid', '?')} of {watch.get('file', '?')}, {health}")
+        if entry.get("trial"):
+            print(f"  on trial: applied with --confirm-within, rolled back in {entry['trial']['secondsLeft']:g} s "
+                  f"unless `kernform confirm{_netns_flag(args)}`")
         objects = ", ".join(f"{n} {k}" for k, n in sorted(entry["objects"].items()))
         if objects:
             print(f"  objects: {objects}")

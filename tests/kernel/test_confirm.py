@@ -134,6 +134,10 @@ def test_confirm_keeps_rollback_reverts_and_a_failed_probe_reverts_at_once(names
 
         assert kernform(*apply, "--confirm-within", "60", str(v1)).returncode == 0
         assert in_sync(v1, "tproxy")
+        status = kernform("status", "--netns", NS, "--json")
+        (entry,) = [e for e in json.loads(status.stdout)["intents"] if e["intent"] == intent]
+        assert entry["trial"] is not None and 0 < entry["trial"]["secondsLeft"] <= 60
+        assert "on trial" in kernform("status", "--netns", NS).stdout
         rolled = kernform("rollback", "--netns", NS)
         assert rolled.returncode == 0, rolled.stderr
         assert in_sync(v2, "tproxy") and not checkpoint_file(intent).exists()
