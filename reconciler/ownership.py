@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,6 +36,8 @@ from typing import Any
 
 from .lock import RUN_DIR
 from .netns import path_of
+
+log = logging.getLogger("kernform.ownership")
 
 
 def _directory(netns: str | None) -> Path:
@@ -132,6 +135,15 @@ def _write(netns: str | None, intent: str, tables: frozenset[int], claims: dict[
     """Write the record (atomically); without `claims`, the recorded ones are kept."""
     if claims is None:
         claims = recorded_claims(netns, intent)
+    try:
+        _write_record(netns, intent, tables, claims)
+    except OSError as exc:
+        # The nft table keeps the first record; without this one, only a flushed ruleset or a run killed
+        # before its nft transaction can hide the intent's routes from a fresh process.
+        log.warning("ownership record of intent %s not written under %s: %s", intent, RUN_DIR / "owned", exc)
+
+
+def _write_record(netns: str | None, intent: str, tables: frozenset[int], claims: dict[str, Any]) -> None:
     path = _record_path(netns, intent)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A temporary file of an earlier run killed before its rename (runs of one intent are serialised by
