@@ -151,6 +151,10 @@ def test_a_rule_edited_by_hand_under_the_same_comment_is_drift(namespace: str, b
             while "dport 2222" in sh("ip", "netns", "exec", NS, "nft", "list", "table", "inet", table):
                 assert time.monotonic() - edited < 1.0, "the daemon did not repair the edited rule within 1 s"
                 time.sleep(0.02)
+            # What the warm daemon wrote (rule comments from its memo of the kernel's readings) is what a
+            # fresh process expects: its plan is empty.
+            time.sleep(0.3)
+            assert kernform(*plan).returncode == 0
         finally:
             watch.terminate()
             watch.communicate(timeout=20)
