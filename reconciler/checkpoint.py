@@ -69,6 +69,7 @@ class Checkpoint:
     routing_tables: frozenset[int]
     waiter: int | None = None
     confirmed: bool = False
+    claims: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # reconciler.ownership's, before
 
     @property
     def remaining(self) -> float:
@@ -93,7 +94,7 @@ def take(target: Target, observed: ObservedState, within: float) -> Checkpoint:
     checkpoint = Checkpoint(
         observed.intent, target.netns, time.time() + within, snapshot, netlink,
         tuple(o for o in observed.bpf if o.kind in BPF_KINDS and not isinstance(o, BpfLeftover)),
-        frozenset(owned))
+        frozenset(owned), claims=ownership.recorded_claims(target.netns, observed.intent))
     save(checkpoint)
     return checkpoint
 
@@ -105,7 +106,7 @@ def save(checkpoint: Checkpoint) -> None:
         "intent": checkpoint.intent, "netns": checkpoint.netns, "deadline": checkpoint.deadline,
         "nft_snapshot": checkpoint.nft_snapshot, "routing_tables": sorted(checkpoint.routing_tables),
         "netlink": [_to_data(o) for o in checkpoint.netlink], "bpf": [_to_data(o) for o in checkpoint.bpf],
-        "waiter": checkpoint.waiter, "confirmed": checkpoint.confirmed,
+        "waiter": checkpoint.waiter, "confirmed": checkpoint.confirmed, "claims": dict(checkpoint.claims),
     }
     temporary = path.with_name(f".{path.name}.{os.getpid()}")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -125,7 +126,7 @@ def load(netns: str | None, intent: str) -> Checkpoint | None:
     return Checkpoint(
         body["intent"], body["netns"], float(body["deadline"]), body["nft_snapshot"],
         tuple(_from_data(d) for d in body["netlink"]), tuple(_from_data(d) for d in body["bpf"]),
-        frozenset(body["routing_tables"]), body.get("waiter"), bool(body.get("confirmed")))
+        frozenset(body["routing_tables"]), body.get("waiter"), bool(body.get("confirmed")), body.get("claims") or {})
 
 
 def pending(netns: str | None) -> list[Checkpoint]:
@@ -181,8 +182,10 @@ def revert(target: Target, checkpoint: Checkpoint, cause: Cause) -> int:
     if not residual.empty:
         raise ApplyError(f"intent {intent}: rolling back left {len(residual.actions)} differences", residual)
     # An intent that held nothing before the trial holds nothing now: its record goes too.
-    ownership.settle(target.netns, intent, checkpoint.routing_tables,
-                     destroyed=checkpoint.nft_snapshot is None and not checkpoint.netlink and not checkpoint.bpf)
+    held_nothing = checkpoint.nft_snapshot is None and not checkpoint.netlink and not checkpoint.bpf
+    ownership.settle(target.netns, intent, checkpoint.routing_tables, destroyed=held_nothing)
+    if not held_nothing:
+        ownership.record_claims(target.netns, intent, dict(checkpoint.claims))
     audit.record("rollback", intent, target.label, cause,
                  [{"op": "restore", "kind": "checkpoint", "key": intent, "origin": ""}], "rolled back",
                  operations=actions)
