@@ -310,10 +310,10 @@ class NfTablesSocket:
         return len(messages)
 
 
-    def read_elements(self, table: str, changes: Sequence[ElementChanges]) -> dict[str, dict[str, str | None]]:
+    def read_elements(self, table: str, changes: Sequence[ElementChanges]) -> dict[str, dict[str, bytes]]:
         """What the kernel holds now for every element `changes` names (removed and added alike):
-        {set: {element text: map value text (None for a set)}}, an element missing from its set's dict
-        when the kernel does not hold exactly that interval.
+        {set: {element text: the map value's bytes (b"" for a set)}}, an element missing from its set's
+        dict when the kernel does not hold exactly that interval.
 
         Used to verify a raw batch by reading the kernel rather than trusting what was sent. A set with
         few touched elements is asked key by key (NFT_MSG_GETSETELEM without dump); one with many, or one
@@ -326,16 +326,15 @@ class NfTablesSocket:
         for change in changes:
             if change.set in unsure or len(change.removed) + len(change.added) > LOOKUPS_PER_SET:
                 held[change.set] = self._dumped(table, change.set, change.layout)
-        result: dict[str, dict[str, str | None]] = {}
+        result: dict[str, dict[str, bytes]] = {}
         for change in changes:
             intervals = held.get(change.set, {})
             found = result.setdefault(change.set, {})
+            bounds = functools.partial(interval_bounds, change.layout)
             for text in dict.fromkeys([*change.removed, *(text for text, _ in change.added)]):
-                value = intervals.get(interval_bounds(change.layout, text))
-                if value is None:
-                    continue
-                found[text] = (None if change.layout.value_family is None or not value
-                               else map_value_text(change.layout, value))
+                value = intervals.get(bounds(text))
+                if value is not None:
+                    found[text] = value
         return result
 
     def _looked_up(self, table: str, changes: Sequence[ElementChanges]
@@ -452,22 +451,38 @@ class NfTablesSocket:
 
 
 def _reply_elements(payload: memoryview) -> Iterator[tuple[bytes, int, bytes]]:
-    """(key, flags, data) of each element in a NEWSETELEM message."""
+    """(key, flags, data) of each element in a NEWSETELEM message. A dump of a large map carries
+    thousands: the nests are walked in place, without a dict per element."""
     elements = attributes(payload, _NFGEN.size).get(NFTA_SET_ELEM_LIST_ELEMENTS)
     if elements is None:
         return
+    unpack = _NLATTR.unpack_from
     for kind, element in _each_attribute(elements):
         if kind != NFTA_LIST_ELEM:
             continue
-        attrs = attributes(element, 0)
-        key = attributes(attrs[NFTA_SET_ELEM_KEY], 0).get(NFTA_DATA_VALUE) if NFTA_SET_ELEM_KEY in attrs else None
-        if key is None:
-            continue
-        flags = _BE32.unpack_from(attrs[NFTA_SET_ELEM_FLAGS])[0] if NFTA_SET_ELEM_FLAGS in attrs else 0
+        key: bytes | None = None
+        flags = 0
         data = b""
-        if NFTA_SET_ELEM_DATA in attrs:
-            data = bytes(attributes(attrs[NFTA_SET_ELEM_DATA], 0).get(NFTA_DATA_VALUE) or b"")
-        yield bytes(key), flags, data
+        offset, end = 0, len(element)
+        while offset + 4 <= end:
+            length, attr = unpack(element, offset)
+            if length < 4:
+                break
+            attr &= 0x3FFF
+            if attr in (NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_DATA):
+                # A nest holding one NFTA_DATA_VALUE: its payload starts after the inner header.
+                inner_length, inner = unpack(element, offset + 4)
+                if inner & 0x3FFF == NFTA_DATA_VALUE and inner_length >= 4:
+                    value = bytes(element[offset + 8 : offset + 4 + inner_length])
+                    if attr == NFTA_SET_ELEM_KEY:
+                        key = value
+                    else:
+                        data = value
+            elif attr == NFTA_SET_ELEM_FLAGS:
+                flags = _BE32.unpack_from(element, offset + 4)[0]
+            offset += (length + 3) & ~3
+        if key is not None:
+            yield key, flags, data
 
 
 def _each_attribute(payload: memoryview) -> Iterator[tuple[int, memoryview]]:

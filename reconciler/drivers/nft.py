@@ -217,7 +217,9 @@ class NftDriver:
         commands sent. Raises GenerationChanged (nothing written) when a raw element batch finds that
         the table may have changed since `observed`: observe and plan again."""
         actions = [a for a in actions if a.kind.startswith("nft.")]
-        element_sets = raw_element_sets(actions, desired_index or index_by_key(desired), observed)
+        desired = tuple(desired)
+        index = desired_index if desired_index is not None else index_by_key(desired)
+        element_sets = raw_element_sets(actions, index, observed)
         if element_sets is not None and observed.generation is not None:
             sent = self.raw.write_elements(observed.table, observed.generation, element_sets)
             generation = self.raw.generation()
@@ -228,10 +230,9 @@ class NftDriver:
                 # read back from the kernel now. Verification compares with the kernel, never with what
                 # was sent.
                 held = self.raw.read_elements(observed.table, element_sets)
-                self._known = observed.with_elements(_held_actions(observed, element_sets, held), generation)
+                self._known = observed.with_elements(_held_actions(observed, element_sets, held, index), generation)
             self.operations += sent
             return sent
-        desired = tuple(desired)
         commands = build_batch(actions, desired, observed, self._contents)
         if not commands:
             return 0
@@ -409,12 +410,16 @@ def raw_element_sets(actions: Sequence[Action], desired: Mapping[ObjectKey, Kern
 
 
 def _held_actions(observed: NftObservation, element_sets: Sequence[ElementChanges],
-                  held: Mapping[str, Mapping[str, str | None]]) -> list[Action]:
-    """Actions that turn `observed` into what the kernel was read to hold for the elements of `element_sets`."""
+                  held: Mapping[str, Mapping[str, bytes]],
+                  desired: Mapping[ObjectKey, KernelObject]) -> list[Action]:
+    """Actions that turn `observed` into what the kernel was read to hold for the elements of `element_sets`.
+    An element held exactly as desired (the interval, and for a map the value's bytes) is the desired object
+    itself; any other is rebuilt from the kernel's bytes."""
     actions: list[Action] = []
     for change in element_sets:
         wanted = dict(change.added)
         now = held.get(change.set, {})
+        layout = change.layout
         for text in dict.fromkeys([*change.removed, *wanted]):
             key = ObjectKey(NftElement.kind, f"{change.set} {text}")
             before = observed.index.get(key)
@@ -422,11 +427,17 @@ def _held_actions(observed: NftObservation, element_sets: Sequence[ElementChange
                 if before is not None:
                     actions.append(Action("remove", key, before, None))
                 continue
-            value = now[text]
-            desired_value = wanted.get(text)
-            if value is not None and desired_value is not None and \
-                    nfnetlink.map_value_text(change.layout, nfnetlink.map_value(change.layout, desired_value)) == value:
-                value = desired_value  # the kernel holds the desired value: keep the compiler's spelling of it
+            value_bytes = now[text]
+            if text in wanted:
+                desired_value = wanted[text]
+                same = (not value_bytes if desired_value is None or layout.value_family is None
+                        else value_bytes == nfnetlink.map_value(layout, desired_value))
+                element = desired.get(key) if same else None
+                if isinstance(element, NftElement):
+                    actions.append(Action("add" if before is None else "change", key, before, element))
+                    continue
+            value = (nfnetlink.map_value_text(layout, value_bytes)
+                     if layout.value_family is not None and value_bytes else None)
             element = NftElement(observed.table, change.set, text, value)
             actions.append(Action("add" if before is None else "change", key, before, element))
     return actions
