@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sandbox import kernform, sh, veth_namespace
 
 pytestmark = pytest.mark.kernel
-ROOT = Path(__file__).resolve().parents[2]
 PID = os.getpid() % 100000
 NS = f"kfq{PID}"
 DEV = "kfq0"
@@ -54,15 +52,6 @@ spec:
 """
 
 
-def sh(*args: str, check: bool = True) -> str:
-    return subprocess.run(args, check=check, capture_output=True, text=True).stdout
-
-
-def kernform(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kernform.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-
-
 def kernel_state() -> dict[str, Any]:
     return {"nft": json.loads(sh("ip", "netns", "exec", NS, "nft", "-j", "list", "ruleset")),
             "rules": sh("ip", "-n", NS, "rule", "show"), "routes": sh("ip", "-n", NS, "route", "show", "table", "all"),
@@ -71,20 +60,8 @@ def kernel_state() -> dict[str, Any]:
 
 @pytest.fixture
 def namespace() -> Iterator[str]:
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
-    sh("ip", "netns", "del", NS, check=False)
-    sh("ip", "netns", "add", NS)
-    try:
-        sh("ip", "-n", NS, "link", "set", "lo", "up")
-        sh("ip", "-n", NS, "link", "add", DEV, "type", "veth", "peer", "name", DEV + "p")
-        for dev in (DEV, DEV + "p"):
-            sh("ip", "-n", NS, "link", "set", dev, "addrgenmode", "none")
-            sh("ip", "-n", NS, "link", "set", dev, "up")
-        yield NS
-    finally:
-        sh("ip", "-n", NS, "link", "del", DEV, check=False)
-        sh("ip", "netns", "del", NS, check=False)
+    with veth_namespace(NS, DEV) as name:
+        yield name
 
 
 def test_overlapping_interception_of_an_applied_intent_is_refused(namespace: str, tmp_path: Path) -> None:

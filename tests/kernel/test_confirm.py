@@ -10,15 +10,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sandbox import kernform as run_kernform
+from sandbox import sh, veth_namespace
 
 pytestmark = pytest.mark.kernel
-ROOT = Path(__file__).resolve().parents[2]
 PID = os.getpid() % 100000
 NS = f"kfc{PID}"
 DEV = "kfc0"
@@ -44,35 +44,14 @@ spec:
 """
 
 
-def sh(*args: str, check: bool = True) -> str:
-    return subprocess.run(args, check=check, capture_output=True, text=True).stdout
-
-
 def kernform(*args: str, inside: bool = False, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "kernform.cli", *args]
-    if inside:
-        argv = ["ip", "netns", "exec", NS, *argv]
-    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
+    return run_kernform(*args, prefix=("ip", "netns", "exec", NS) if inside else (), env=env)
 
 
 @pytest.fixture
 def namespace() -> Iterator[str]:
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
-    sh("ip", "netns", "del", NS, check=False)
-    sh("ip", "netns", "add", NS)
-    try:
-        sh("ip", "-n", NS, "link", "set", "lo", "up")
-        sh("ip", "-n", NS, "link", "add", DEV, "type", "veth", "peer", "name", DEV + "p")
-        for dev in (DEV, DEV + "p"):
-            sh("ip", "-n", NS, "link", "set", dev, "addrgenmode", "none")
-            sh("ip", "-n", NS, "link", "set", dev, "up")
-        sh("ip", "-n", NS, "addr", "add", "10.9.0.1/24", "dev", DEV)
-        yield NS
-    finally:
-        sh("ip", "-n", NS, "link", "del", DEV, check=False)
-        sh("ip", "netns", "del", NS, check=False)
+    with veth_namespace(NS, DEV, address="10.9.0.1/24") as name:
+        yield name
 
 
 def in_sync(path: Path, backend: str) -> bool:

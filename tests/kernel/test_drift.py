@@ -21,9 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sandbox import ROOT, kernform, sh, veth_namespace
 
 pytestmark = pytest.mark.kernel
-ROOT = Path(__file__).resolve().parents[2]
 PID = os.getpid() % 100000
 NS = f"kfr{PID}"
 DEV = "kfr0"
@@ -58,48 +58,10 @@ spec:
 """
 
 
-PROXY = """
-import socket, time
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT
-s.bind(("0.0.0.0", 15001))
-s.listen(64)
-time.sleep(3600)
-"""
-
-
-def sh(*args: str, check: bool = True) -> str:
-    return subprocess.run(args, check=check, capture_output=True, text=True).stdout
-
-
-def kernform(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kernform.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-
-
 @pytest.fixture
 def namespace() -> Iterator[str]:
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
-    sh("ip", "netns", "del", NS, check=False)
-    sh("ip", "netns", "add", NS)
-    try:
-        sh("ip", "-n", NS, "link", "set", "lo", "up")
-        sh("ip", "-n", NS, "link", "add", DEV, "type", "veth", "peer", "name", DEV + "p")
-        for dev in (DEV, DEV + "p"):
-            sh("ip", "-n", NS, "link", "set", dev, "addrgenmode", "none")
-            sh("ip", "-n", NS, "link", "set", dev, "up")
-        # The interception's proxy: the ebpf backend hands its listening socket to the kernel.
-        proxy = subprocess.Popen(["ip", "netns", "exec", NS, sys.executable, "-c", PROXY])
-        try:
-            yield NS
-        finally:
-            proxy.kill()
-            proxy.wait()
-    finally:
-        sh("ip", "-n", NS, "link", "del", DEV, check=False)
-        sh("ip", "netns", "del", NS, check=False)
+    with veth_namespace(NS, DEV, proxy=True) as name:
+        yield name
 
 
 def replace_rule_by_hand(table: str, port_from: str, port_to: str) -> str:

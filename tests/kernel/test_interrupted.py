@@ -21,15 +21,15 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sandbox import kernform as run_kernform
+from sandbox import sh, veth_namespace
 
 pytestmark = pytest.mark.kernel
-ROOT = Path(__file__).resolve().parents[2]
 PID = os.getpid() % 100000
 NS = f"kfk{PID}"
 DEV = "kfk0"
@@ -76,52 +76,20 @@ spec:
 """
 
 
-PROXY = """
-import socket, time
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT
-s.bind(("0.0.0.0", 15001))
-s.listen(64)
-time.sleep(3600)
-"""
-
-
-def sh(*args: str, check: bool = True) -> str:
-    return subprocess.run(args, check=check, capture_output=True, text=True).stdout
-
-
 @pytest.fixture(scope="module")
 def namespace() -> Iterator[str]:
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
     if shutil.which("strace") is None:
         pytest.skip("strace is needed to inject kills (scripts/setup.sh installs it)")
-    sh("ip", "netns", "del", NS, check=False)
-    sh("ip", "netns", "add", NS)
-    try:
-        sh("ip", "-n", NS, "link", "set", "lo", "up")
-        sh("ip", "-n", NS, "link", "add", DEV, "type", "veth", "peer", "name", DEV + "p")
-        for dev in (DEV, DEV + "p"):
-            sh("ip", "-n", NS, "link", "set", dev, "addrgenmode", "none")
-            sh("ip", "-n", NS, "link", "set", dev, "up")
-        # The interception's proxy: the ebpf backend hands its listening socket to the kernel.
-        proxy = subprocess.Popen(["ip", "netns", "exec", NS, sys.executable, "-c", PROXY])
+    with veth_namespace(NS, DEV, proxy=True) as name:
         try:
-            yield NS
+            yield name
         finally:
-            proxy.kill()
-            proxy.wait()
             for backend in ("tproxy", "ebpf"):  # a test cut short leaves nothing behind either
                 kernform("destroy", "--netns", NS, "--intent", f"killed-{backend}-{PID}")
-    finally:
-        sh("ip", "-n", NS, "link", "del", DEV, check=False)
-        sh("ip", "netns", "del", NS, check=False)
 
 
 def kernform(*args: str, strace: list[str] | None = None) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "kernform.cli", *args]
-    return subprocess.run([*(strace or []), *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return run_kernform(*args, prefix=tuple(strace or ()))
 
 
 def syscall_counts(args: list[str], tmp: Path) -> dict[str, int]:

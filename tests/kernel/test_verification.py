@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from sandbox import sh, veth_namespace
 
 from compiler import compile_intent
 from compiler.errors import ApplyError
@@ -37,28 +37,10 @@ pytestmark = pytest.mark.kernel
 PID = os.getpid() % 100000
 
 
-def sh(*args: str, check: bool = True) -> str:
-    return subprocess.run(args, check=check, capture_output=True, text=True).stdout
-
-
 @pytest.fixture
 def netns() -> Iterator[str]:
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
-    name = f"kfv{PID}-{os.urandom(2).hex()}"
-    sh("ip", "netns", "add", name)
-    sh("ip", "-n", name, "link", "set", "lo", "up")
-    sh("ip", "-n", name, "link", "add", "kfv0", "type", "veth", "peer", "name", "kfv1")
-    for dev in ("kfv0", "kfv1"):
-        # No IPv6 link-local addresses: they arrive after DAD, at any time, and would change the local
-        # addresses the ebpf backend mirrors between two observations.
-        sh("ip", "-n", name, "link", "set", dev, "addrgenmode", "none")
-        sh("ip", "-n", name, "link", "set", dev, "up")
-    try:
+    with veth_namespace(f"kfv{PID}-{os.urandom(2).hex()}", "kfv0") as name:
         yield name
-    finally:
-        sh("ip", "-n", name, "link", "del", "kfv0", check=False)
-        sh("ip", "netns", "del", name, check=False)
 
 
 def filter_intent(name: str, cidrs: list[str], backend: str, netns: str) -> DesiredState:

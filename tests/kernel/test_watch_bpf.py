@@ -23,22 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sandbox import ROOT, kernform, sh, veth_namespace
 
 pytestmark = pytest.mark.kernel
-ROOT = Path(__file__).resolve().parents[2]
 PID = os.getpid() % 100000
 NS = f"kfb{PID}"
 DEV = "kfb0"
 INTENT = f"bpfdrift-{PID}"
-PROXY = """
-import socket, time
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT
-s.bind(("0.0.0.0", 15001))
-s.listen(64)
-time.sleep(3600)
-"""
 TEXT = f"""apiVersion: kernform/v1
 kind: NetworkIntent
 metadata: {{name: {INTENT}}}
@@ -63,10 +54,6 @@ spec:
       rules:
         - {{name: deny-list, action: deny, protocol: tcp, interfaces: [{DEV}], sources: [192.0.2.0/24]}}
 """
-
-
-def sh(*args: str, check: bool = True) -> str:
-    return subprocess.run(args, check=check, capture_output=True, text=True).stdout
 
 
 class Daemon:
@@ -107,35 +94,17 @@ class Daemon:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
     pytest.importorskip("bcc")
-    sh("ip", "netns", "del", NS, check=False)
-    sh("ip", "netns", "add", NS)
-    proxy = None
-    watch = None
-    try:
-        sh("ip", "-n", NS, "link", "set", "lo", "up")
-        sh("ip", "-n", NS, "link", "add", DEV, "type", "veth", "peer", "name", DEV + "p")
-        for dev in (DEV, DEV + "p"):
-            sh("ip", "-n", NS, "link", "set", dev, "addrgenmode", "none")
-            sh("ip", "-n", NS, "link", "set", dev, "up")
-        proxy = subprocess.Popen(["ip", "netns", "exec", NS, sys.executable, "-c", PROXY])
+    with veth_namespace(NS, DEV, proxy=True):
         file = tmp_path_factory.mktemp("bpfdrift") / "intent.yaml"
         file.write_text(TEXT)
         watch = Daemon(file)
-        watch.wait_for(lambda x: x.get("pass_result") == "applied", 0, 60)
-        yield watch
-    finally:
-        if watch is not None:
+        try:
+            watch.wait_for(lambda x: x.get("pass_result") == "applied", 0, 60)
+            yield watch
+        finally:
             watch.stop()
-        subprocess.run([sys.executable, "-m", "kernform.cli", "destroy", "--netns", NS, "--intent", INTENT],
-                       cwd=ROOT, capture_output=True)
-        if proxy is not None:
-            proxy.kill()
-            proxy.wait()
-        sh("ip", "-n", NS, "link", "del", DEV, check=False)
-        sh("ip", "netns", "del", NS, check=False)
+            kernform("destroy", "--netns", NS, "--intent", INTENT)
 
 
 def pins() -> Path:
