@@ -47,7 +47,7 @@ def compile_intent(intent: NetworkIntent, backend: str | None = None, slot: int 
     if not record:
         return desired
     objects = desired.objects
-    (at,) = (i for i, o in enumerate(objects) if isinstance(o, NftTable))
+    at = next(i for i, o in enumerate(objects) if isinstance(o, NftTable))  # the first few objects
     return dataclasses.replace(desired, objects=(*objects[:at + 1], *record, *objects[at + 1:]))
 
 

@@ -746,8 +746,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "command", None) == "destroy" and not (args.files or args.intent):
         print("kernform destroy: give INPUT or --intent NAME", file=sys.stderr)
         return 1
+    from reconciler import collector
+
+    # A one-shot command is one pass (reconciler.collector); the daemons hold the collector off per pass.
+    long_lived = getattr(args, "command", None) in ("watch", "await-confirm")
     try:
-        return int(args.func(args))
+        with contextlib.nullcontext() if long_lived else collector.paused():
+            return int(args.func(args))
     except KernformError as exc:
         return _print_error(exc)
     except KeyboardInterrupt:

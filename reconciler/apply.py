@@ -17,7 +17,7 @@ from compiler.ebpf import needs_local_addresses, with_local_addresses
 from compiler.errors import ApplyError, KernelError, KernformError, TemporaryError
 from compiler.objects import BPF_KINDS, NETLINK_KINDS, NFT_KINDS, BpfProgram, DesiredState, NftElement, index_by_key
 
-from . import audit, ownership
+from . import audit, collector, ownership
 from .audit import Cause
 from .drivers.nfnetlink import GenerationChanged
 from .observe import ObservedState, Target
@@ -67,6 +67,12 @@ def apply(target: Target, desired: DesiredState, plan: Plan | None = None,
     (unless the nft table changed since that observation: then a fresh plan is made and executed).
     A plan that changes anything, or fails to, leaves an audit record (reconciler.audit) of `verb`
     ("apply", "destroy" or "repair") for `cause`."""
+    with collector.paused():
+        return _apply_verified(target, desired, plan, observed, cause, verb)
+
+
+def _apply_verified(target: Target, desired: DesiredState, plan: Plan | None, observed: ObservedState | None,
+                    cause: Cause | None, verb: str) -> ApplyResult:
     started = time.perf_counter()
     desired = complete(target, desired)
     if plan is None or observed is None:

@@ -72,7 +72,7 @@ from compiler.objects import (
     nft_table_name,
 )
 
-from . import ownership
+from . import collector, ownership
 from .applied import allocate_slots, applied_conflicts
 from .apply import apply, complete, destroy, make_plan
 from .audit import Cause
@@ -424,7 +424,8 @@ class Daemon:
         self.metrics.passes.labels(trigger).inc()
         started = time.perf_counter()
         try:
-            self._reconcile(target, reasons, trigger, started)
+            with collector.paused():
+                self._reconcile(target, reasons, trigger, started)
         except LockHeld as exc:
             if not any(i.converged for i in self._intents.values()) and not self._locks:
                 # Refused at start: this daemon never managed anything.

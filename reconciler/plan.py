@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from itertools import compress
 from operator import is_not
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from compiler.objects import KIND_ORDER, KernelObject, ObjectKey
 
@@ -23,8 +23,10 @@ _SYMBOL = {"add": "+", "change": "~", "remove": "-"}
 _KIND_RANK = {kind: rank for rank, kind in enumerate(KIND_ORDER)}
 
 
-@dataclass(frozen=True)
-class Action:
+class Action(NamedTuple):
+    """One step of a plan. A tuple: a re-sliced map of a thousand backends makes thousands of them per
+    pass, and a frozen dataclass costs several times as much to build."""
+
     op: Op
     key: ObjectKey
     old: KernelObject | None
@@ -135,14 +137,19 @@ def diff(intent: str, backend: str, target: str,
         if have != want:
             creations.append(Action("change", key, have, want))
     removals = [Action("remove", key, observed[key], None) for key in observed.keys() - desired.keys()]
-    creations.sort(key=lambda a: (_KIND_RANK[a.kind], _position(a), a.key.name))
-    removals.sort(key=lambda a: (-_KIND_RANK[a.kind], a.key.name))
+    creations.sort(key=_creation_order)
+    removals.sort(key=_removal_order)
     return Plan(intent=intent, backend=backend, target=target, actions=tuple(creations + removals))
 
 
-def _position(action: Action) -> int:
-    obj = action.new
-    return getattr(obj, "index", 0) if obj is not None else 0
+def _creation_order(action: Action) -> tuple[int, int, str]:
+    key = action[1]
+    return _KIND_RANK[key[0]], getattr(action[3], "index", 0), key[1]
+
+
+def _removal_order(action: Action) -> tuple[int, str]:
+    key = action[1]
+    return -_KIND_RANK[key[0]], key[1]
 
 
 def _object_dict(obj: KernelObject | None) -> dict[str, Any] | None:

@@ -29,6 +29,7 @@ import socket
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from compiler.errors import KernelError
 
@@ -62,11 +63,11 @@ _ERR = struct.Struct("=i")
 _REPLY_TIMEOUT = 10.0
 
 
-@dataclass(frozen=True)
-class SetLayout:
+class SetLayout(NamedTuple):
     """How the elements of one kind of set are encoded: the key's width (4 or 16-byte addresses, or a
     32-bit integer: nft keeps interval keys big-endian even for host-order expressions like numgen)
-    and, for maps, the address family of an `address . port` value."""
+    and, for maps, the address family of an `address . port` value. A tuple: it is part of the key of
+    the encoders' caches, hashed once per element."""
 
     key_bytes: int
     key_is_address: bool
@@ -160,13 +161,23 @@ def _encoded(layout: SetLayout, text: str, value: str | None, with_value: bool) 
     return b"".join(_element(key, kflags, data) for key, kflags in interval_keys(layout, text))
 
 
+_TWO_ATTRS = struct.Struct("=HHHH")  # a nest's header and its one child's header, back to back
+_FLAGS_ATTR = struct.Struct("=HHI")  # NFTA_SET_ELEM_FLAGS: header and a big-endian u32 (packed as such)
+
+
 def _element(key: bytes, flags: int, value: bytes | None = None) -> bytes:
-    parts = [_nest(NFTA_SET_ELEM_KEY, _attr(NFTA_DATA_VALUE, key))]
+    """One NFTA_LIST_ELEM: {KEY {DATA_VALUE key}}, [FLAGS], [DATA {DATA_VALUE value}]. The same bytes as
+    `_nest`/`_attr` would build, written with a few packs: a 1,000-backend re-slice encodes 4,000 of them."""
+    key_pad = -len(key) % 4
+    body = _TWO_ATTRS.pack(8 + len(key) + key_pad, NFTA_SET_ELEM_KEY | NLA_F_NESTED,
+                           4 + len(key), NFTA_DATA_VALUE) + key + b"\0" * key_pad
     if flags:
-        parts.append(_attr(NFTA_SET_ELEM_FLAGS, _BE32.pack(flags)))
+        body += _FLAGS_ATTR.pack(8, NFTA_SET_ELEM_FLAGS, socket.htonl(flags))
     if value is not None and not flags & NFT_SET_ELEM_INTERVAL_END:
-        parts.append(_nest(NFTA_SET_ELEM_DATA, _attr(NFTA_DATA_VALUE, value)))
-    return _nest(NFTA_LIST_ELEM, *parts)
+        value_pad = -len(value) % 4
+        body += _TWO_ATTRS.pack(8 + len(value) + value_pad, NFTA_SET_ELEM_DATA | NLA_F_NESTED,
+                                4 + len(value), NFTA_DATA_VALUE) + value + b"\0" * value_pad
+    return _NLATTR.pack(4 + len(body), NFTA_LIST_ELEM | NLA_F_NESTED) + body
 
 
 class NfTablesSocket:
