@@ -104,3 +104,19 @@ def test_the_bulk_ipv4_path_agrees_with_the_one_by_one_path() -> None:
             ipaddress.ip_network(bad, strict=True)
         with pytest.raises(ValueError):
             cidr.canonical_list([bad])
+
+
+def test_a_list_partly_seen_before_is_canonicalised_like_a_fresh_one() -> None:
+    """canonical_list looks only at the texts its memo lacks (an edit's one new CIDR): a list of seen,
+    unseen, duplicated and non-canonical texts comes out as canonical() of each, in order, and a bad
+    unseen text is refused even among seen ones."""
+    import ipaddress
+
+    from compiler import cidr
+
+    seen = [f"10.{i}.0.0/16" for i in range(50)]
+    cidr.canonical_list(seen)
+    mixed = [*seen[:10], "192.0.2.7", "fd00::1", seen[3], "10.200.0.0/16", "192.0.2.7", "2001:db8::/32", *seen[10:]]
+    assert cidr.canonical_list(mixed) == [ipaddress.ip_network(t, strict=True).with_prefixlen for t in mixed]
+    with pytest.raises(ValueError):
+        cidr.canonical_list([*seen, "10.0.0.1/8"])
