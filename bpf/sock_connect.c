@@ -55,8 +55,8 @@
  * Maps (layouts in lib/kf_types.h, documented in bpf/README.md):
  *   services_v4      hash      kf_svc_key_v4 -> kf_service     [KF_MAX_SERVICES]
  *   services_v6      hash      kf_svc_key_v6 -> kf_service     [KF_MAX_SERVICES]
- *   maglev           array     id * KF_MAGLEV_SIZE + slot -> u32 backend index + 1 (0: empty)
- *                                              [KF_MAX_SERVICES * KF_MAGLEV_SIZE]
+ *   maglev           hash      kf_maglev_key {id, slot / 256} -> kf_maglev_chunk: 256 slots,
+ *                              each a u32 backend index + 1 (0: empty)  [KF_MAGLEV_CHUNKS]
  *   backends_v4      array     u32 -> kf_backend_v4            [KF_MAX_BACKENDS]
  *   backends_v6      array     u32 -> kf_backend_v6            [KF_MAX_BACKENDS]
  *   rev_nat          LRU hash  kf_rev_nat_key -> kf_rev_nat_value [KF_ORIG_DST_ENTRIES]
@@ -68,8 +68,8 @@
  *   orig_dst         LRU hash  u64 socket cookie -> kf_orig_dst [KF_ORIG_DST_ENTRIES]
  *   orig_dst_tuple   LRU hash  kf_tuple_key -> kf_orig_dst      [KF_ORIG_DST_ENTRIES]
  *
- * Settings: KF_MAX_RULES, KF_MAX_PREFIXES, KF_MAX_SERVICES, KF_MAGLEV_SIZE
- * (a prime), KF_MAX_BACKENDS, KF_MAX_EXCLUDES, KF_ORIG_DST_ENTRIES,
+ * Settings: KF_MAX_RULES, KF_MAX_PREFIXES, KF_MAX_SERVICES, KF_MAX_BACKENDS,
+ * KF_MAGLEV_CHUNKS, KF_MAX_EXCLUDES, KF_ORIG_DST_ENTRIES,
  * KF_AFFINITY_KEY, KF_PROXY_V4, KF_PIN_DIR.
  */
 #include <uapi/linux/bpf.h>
@@ -341,8 +341,14 @@ KF_ALWAYS_INLINE void kf_lb_count(__u32 id, int chosen)
 {
 	struct kf_lb_counter *c = lb_counters.lookup(&id);
 
-	if (!c)
-		return;
+	if (!c) {
+		struct kf_lb_counter zero = {};
+
+		lb_counters.update(&id, &zero);
+		c = lb_counters.lookup(&id);
+		if (!c)
+			return;
+	}
 	if (chosen)
 		c->new_flows++;
 	else
@@ -357,6 +363,12 @@ KF_ALWAYS_INLINE void kf_lb_count_backend(__u8 family, __u32 idx)
 		return;
 	idx += family == 6 ? KF_MAX_BACKENDS : 0;
 	c = lb_be_counters.lookup(&idx);
+	if (!c) {
+		struct kf_lb_backend_counter zero = {};
+
+		lb_be_counters.update(&idx, &zero);
+		c = lb_be_counters.lookup(&idx);
+	}
 	if (c)
 		c->connections++;
 }
@@ -369,8 +381,10 @@ KF_ALWAYS_INLINE void kf_lb_count_backend(__u8 family, __u32 idx)
 KF_ALWAYS_INLINE int kf_pick_backend(struct bpf_sock_addr *ctx, int is6, struct kf_dst *d,
 				     __u8 *addr, __u16 *port)
 {
+	struct kf_maglev_key mk = {};
+	struct kf_maglev_chunk *chunk;
 	struct kf_service *svc;
-	__u32 slot, idx, *bidx;
+	__u32 slot, idx, size;
 
 	if (d->family == 4) {
 		struct kf_svc_key_v4 k = {};
@@ -389,23 +403,26 @@ KF_ALWAYS_INLINE int kf_pick_backend(struct bpf_sock_addr *ctx, int is6, struct 
 	}
 	if (!svc)
 		return 0;
-	if (svc->backend_count == 0 || svc->id >= KF_MAX_SERVICES) {
+	size = svc->maglev_size;
+	if (svc->backend_count == 0 || svc->id >= KF_MAX_SERVICES || size == 0) {
 		kf_lb_count(svc->id, 0);
 		return -1;
 	}
 
 	if (svc->algorithm == KF_LB_AFFINITY)
-		slot = (__u32)(kf_mix64(kf_affinity_id(ctx, is6) ^ ((__u64)svc->id << 40)) % KF_MAGLEV_SIZE);
+		slot = (__u32)(kf_mix64(kf_affinity_id(ctx, is6) ^ ((__u64)svc->id << 40)) % size);
 	else
-		slot = bpf_get_prandom_u32() % KF_MAGLEV_SIZE;
-	idx = svc->id * KF_MAGLEV_SIZE + slot;
-	bidx = maglev.lookup(&idx);
+		slot = bpf_get_prandom_u32() % size;
+	mk.id = svc->id;
+	mk.chunk = slot / KF_MAGLEV_CHUNK;
+	chunk = maglev.lookup(&mk);
+	idx = chunk ? chunk->slot[slot & (KF_MAGLEV_CHUNK - 1)] : 0;
 	/* Slots hold backend index + 1, so an all-zero slot is an empty one. */
-	if (!bidx || *bidx == 0) {
+	if (idx == 0) {
 		kf_lb_count(svc->id, 0);
 		return -1;
 	}
-	idx = *bidx - 1;
+	idx -= 1;
 	kf_lb_count(svc->id, 1);
 	kf_lb_count_backend(d->family, idx);
 

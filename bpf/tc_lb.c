@@ -60,19 +60,19 @@
  * Maps (layouts in lib/kf_types.h, documented in bpf/README.md):
  *   services_v4      hash      kf_svc_key_v4 -> kf_service     [KF_MAX_SERVICES]
  *   services_v6      hash      kf_svc_key_v6 -> kf_service     [KF_MAX_SERVICES]
- *   maglev           array     id * KF_MAGLEV_SIZE + slot -> u32 backend index + 1 (0: empty)
- *                                              [KF_MAX_SERVICES * KF_MAGLEV_SIZE]
+ *   maglev           hash      kf_maglev_key {id, slot / 256} -> kf_maglev_chunk: 256 slots,
+ *                              each a u32 backend index + 1 (0: empty)  [KF_MAGLEV_CHUNKS]
  *   backends_v4      array     u32 -> kf_backend_v4            [KF_MAX_BACKENDS]
  *   backends_v6      array     u32 -> kf_backend_v6            [KF_MAX_BACKENDS]
  *     (these five exactly as in sock_connect.c; the compiler writes the
  *     same contents into both objects)
  *   lb_flows         LRU hash  kf_lb_flow_key -> kf_lb_flow     [KF_LB_FLOWS]
  *   lb_rev           LRU hash  kf_lb_rev_key -> kf_lb_rev       [KF_LB_FLOWS]
- *   lb_counters      percpu    u32 service id -> kf_lb_counter  [KF_MAX_SERVICES]
- *   lb_be_counters   percpu    u32 backend (+ KF_MAX_BACKENDS for v6) -> kf_lb_backend_counter
+ *   lb_counters      percpu hash u32 service id -> kf_lb_counter  [KF_MAX_SERVICES]
+ *   lb_be_counters   percpu hash u32 backend (+ KF_MAX_BACKENDS for v6) -> kf_lb_backend_counter
  *     (both declared in lib/kf_lb_tables.h)
  *
- * Settings: KF_MAX_SERVICES, KF_MAGLEV_SIZE (a prime), KF_MAX_BACKENDS,
+ * Settings: KF_MAX_SERVICES, KF_MAX_BACKENDS, KF_MAGLEV_CHUNKS,
  * KF_LB_FLOWS, KF_L2_HLEN, KF_IPV6_MAX_EXT, KF_PIN_DIR.
  */
 #include <uapi/linux/bpf.h>
@@ -197,6 +197,12 @@ KF_ALWAYS_INLINE void kf_lb_count_backend(__u8 family, __u32 idx)
 		return;
 	idx += family == 6 ? KF_MAX_BACKENDS : 0;
 	c = lb_be_counters.lookup(&idx);
+	if (!c) {
+		struct kf_lb_backend_counter zero = {};
+
+		lb_be_counters.update(&idx, &zero);
+		c = lb_be_counters.lookup(&idx);
+	}
 	if (c)
 		c->connections++;
 }
@@ -207,10 +213,12 @@ KF_ALWAYS_INLINE void kf_lb_count_backend(__u8 family, __u32 idx)
  */
 KF_ALWAYS_INLINE int kf_lb_pick(struct kf_service *svc, struct kf_pkt *pkt, struct kf_lb_flow *out)
 {
-	__u32 id = svc->id, slot, idx, *bidx;
+	struct kf_maglev_key mk = {};
+	struct kf_maglev_chunk *chunk;
+	__u32 id = svc->id, size = svc->maglev_size, slot, idx;
 	__u64 h;
 
-	if (id >= KF_MAX_SERVICES)
+	if (id >= KF_MAX_SERVICES || size == 0)
 		return -1;
 	if (svc->algorithm == KF_LB_AFFINITY) {
 		h = kf_mix64(kf_lb_hash_addr(pkt->saddr) ^ ((__u64)id << 40));
@@ -219,13 +227,17 @@ KF_ALWAYS_INLINE int kf_lb_pick(struct kf_service *svc, struct kf_pkt *pkt, stru
 		    ((__u64)pkt->dport << 16) ^ pkt->proto;
 		h = kf_mix64(kf_lb_hash_addr(pkt->saddr) ^ kf_mix64(h));
 	}
-	slot = (__u32)(h % KF_MAGLEV_SIZE);
-	idx = id * KF_MAGLEV_SIZE + slot;
-	bidx = maglev.lookup(&idx);
-	/* Slots hold backend index + 1, so an all-zero slot is an empty one. */
-	if (!bidx || *bidx == 0)
+	slot = (__u32)(h % size);
+	mk.id = id;
+	mk.chunk = slot / KF_MAGLEV_CHUNK;
+	chunk = maglev.lookup(&mk);
+	if (!chunk)
 		return -1;
-	idx = *bidx - 1;
+	idx = chunk->slot[slot & (KF_MAGLEV_CHUNK - 1)];
+	/* Slots hold backend index + 1, so an all-zero slot is an empty one. */
+	if (idx == 0)
+		return -1;
+	idx -= 1;
 	kf_lb_count_backend(pkt->family, idx);
 
 	__builtin_memset(out, 0, sizeof(*out));
@@ -345,8 +357,14 @@ KF_ALWAYS_INLINE void kf_lb_count(__u32 id, int what, __u32 len)
 {
 	struct kf_lb_counter *c = lb_counters.lookup(&id);
 
-	if (!c)
-		return;
+	if (!c) {
+		struct kf_lb_counter zero = {};
+
+		lb_counters.update(&id, &zero);
+		c = lb_counters.lookup(&id);
+		if (!c)
+			return;
+	}
 	if (what == KF_LB_COUNT_PACKET) {
 		c->packets++;
 		c->bytes += len;

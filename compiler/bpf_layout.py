@@ -16,7 +16,7 @@ import ipaddress
 import struct
 from array import array
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 from .cidr import Prefix
 
@@ -39,11 +39,14 @@ CONFIG_MAPS: dict[str, tuple[str, ...]] = {
         "intercept_v4", "intercept_v6", "intercept_rules", "exclude_uid", "exclude_gid", "local_addrs",
     ),
 }
-ARRAY_MAPS = frozenset({"rules", "config", "intercept_rules", "maglev", "backends_v4", "backends_v6"})
-# Array maps held as rows: one entry per service for its KF_MAGLEV_SIZE consecutive slots, keyed by
-# the first slot, valued by all of them. A weight change is then one object to diff and show, not
-# thousands; the reconciler writes only the slots that differ. Map -> the setting giving the row length.
-ROW_MAPS = {"maglev": "KF_MAGLEV_SIZE"}
+ARRAY_MAPS = frozenset({"rules", "config", "intercept_rules", "backends_v4", "backends_v6"})
+# Write order within a program: what an entry refers to is written before the entry (a Maglev chunk
+# names backends, a service its chunks), and removed after it; other maps in between, by name.
+WRITE_ORDER = {"backends_v4": 0, "backends_v6": 0, "maglev": 1, "services_v4": 2, "services_v6": 2}
+
+# maglev: a hash of chunks of a service's table, {u32 id, u32 chunk} -> u32 slot[MAGLEV_CHUNK]
+# (bpf/lib/kf_types.h). A service's table has its own size (compiler.maglev.table_size of its backends).
+MAGLEV_CHUNK = 256
 
 U32 = struct.Struct("<I")
 LPM_V4 = struct.Struct("<I4s")
@@ -54,7 +57,8 @@ CHAIN_FLAGS = (("input", RULE_INPUT), ("forward", RULE_FORWARD), ("output", RULE
 INTERCEPT_RULE = struct.Struct("<BBHHHII")  # action proto port_lo port_hi proxy_port proxy_slot counter
 SVC_KEY_V4 = struct.Struct("<4sHBx")
 SVC_KEY_V6 = struct.Struct("<16sHBx")
-SERVICE = struct.Struct("<IHBB")  # id backend_count algorithm flags
+SERVICE = struct.Struct("<IHBBI")  # id backend_count algorithm flags maglev_size
+MAGLEV_KEY = struct.Struct("<II")  # service id, chunk
 BACKEND_V4 = struct.Struct("<4sHxx")
 BACKEND_V6 = struct.Struct("<16sHxx")
 EXCLUDE = struct.Struct("<B")
@@ -88,21 +92,22 @@ def lpm_key(network: ipaddress.IPv4Network | ipaddress.IPv6Network | Prefix) -> 
     return layout.pack(network.prefixlen, packed)
 
 
-def slot_row(table: list[int], offset: int) -> bytes:
-    """A maglev row: u32 `offset + backend` per slot (offset = the service's first backend index + 1)."""
-    return array("I", [offset + chosen for chosen in table]).tobytes()
+def maglev_chunks(svc_id: int, table: Sequence[int], values: Sequence[int]) -> list[tuple[bytes, bytes]]:
+    """(key, value) of each chunk of a service's Maglev table: slot -> values[backend] (its backend index + 1);
+    the last chunk is padded with empty slots."""
+    slots = array("I", map(values.__getitem__, table)).tobytes()
+    width = 4 * MAGLEV_CHUNK
+    chunks = []
+    for number, start in enumerate(range(0, len(slots), width)):
+        chunk = slots[start : start + width]
+        if len(chunk) < width:
+            chunk += bytes(width - len(chunk))
+        chunks.append((MAGLEV_KEY.pack(svc_id, number), chunk))
+    return chunks
 
 
-def row_length(map_name: str, cflags: Iterable[str]) -> int | None:
-    """Slots per row of a ROW_MAPS map, from the program's settings (None: not a row map, or unset)."""
-    setting = ROW_MAPS.get(map_name)
-    if setting is None:
-        return None
-    for flag in cflags:
-        name, _, value = flag.removeprefix("-D").partition("=")
-        if name == setting:
-            return int(value)
-    return None
+def maglev_chunk_count(size: int) -> int:
+    return -(-size // MAGLEV_CHUNK)
 
 
 def bitmap(bits: int, words: int) -> bytes:
@@ -165,23 +170,22 @@ def _label(map_name: str, key: bytes, value: bytes) -> str:
     if map_name in ("services_v4", "services_v6"):
         layout = SVC_KEY_V4 if map_name.endswith("v4") else SVC_KEY_V6
         vip, port, proto = layout.unpack(key)
-        svc_id, count, algorithm, _ = SERVICE.unpack(value)
+        svc_id, count, algorithm, _, size = SERVICE.unpack(value)
         algo = "source affinity" if algorithm == LB_AFFINITY else "weighted random"
-        return f"{ipaddress.ip_address(vip)}:{port}/{_PROTO.get(proto, proto)} -> service {svc_id}, {count} backends, {algo}"
+        return (f"{ipaddress.ip_address(vip)}:{port}/{_PROTO.get(proto, proto)} -> service {svc_id}, "
+                f"{count} backends, {algo}, {size} Maglev slots")
     if map_name in ("backends_v4", "backends_v6"):
         addr, port = (BACKEND_V4 if map_name.endswith("v4") else BACKEND_V6).unpack(value)
         ip = ipaddress.ip_address(addr)
         return f"[{index}] {ip}:{port}" if ip.version == 4 else f"[{index}] [{ip}]:{port}"
     if map_name == "maglev":
-        if len(value) == U32.size:
-            return f"[{index}] -> backend {U32.unpack(value)[0] - 1}"
-        slots = array("I", value)
-        shares = Counter(slots)
-        service = index // len(slots) if index is not None else "?"
+        svc_id, number = MAGLEV_KEY.unpack(key)
+        shares = Counter(array("I", value))
         listed = ", ".join(f"backend {b - 1} x{n}" for b, n in sorted(shares.items())[:8] if b)
         more = ", ..." if len(shares) > 8 else ""
         empty = f", {shares[0]} empty" if shares.get(0) else ""
-        return f"service {service}: {len(slots)} slots from [{index}]: {listed}{more}{empty}"
+        first = number * MAGLEV_CHUNK
+        return f"service {svc_id}: slots {first}-{first + MAGLEV_CHUNK - 1}: {listed}{more}{empty}"
     if map_name in ("exclude_uid", "exclude_gid"):
         return f"{map_name[8:]} {index} excluded"
     return f"{key.hex()} -> {value.hex()}"

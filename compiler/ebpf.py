@@ -29,9 +29,12 @@ from __future__ import annotations
 import collections
 import hashlib
 import ipaddress
-from bisect import bisect_right, insort
+import struct
+import zlib
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import chain
 from pathlib import Path
 
@@ -41,7 +44,7 @@ from .allocation import default_cgroup
 from .cidr import Prefix, collapse_in, collapsed_prefixes
 from .ebpf_refusals import refusals
 from .errors import BackendUnavailable
-from .intent import FilterChain, FilterRule, InterceptionRule, NetworkIntent, Service, parse_port_range
+from .intent import EbpfLimits, FilterChain, FilterRule, InterceptionRule, NetworkIntent, Service, parse_port_range
 from .objects import (
     OWNED_TABLES_SET,
     BpfMapEntry,
@@ -77,12 +80,31 @@ def source_digest(source: str, cflags: Sequence[str], attachments: Sequence[tupl
     return h.hexdigest()[:16]
 
 
-def max_rules_setting(count: int, what: str) -> int:
-    """KF_MAX_RULES: rule bitmaps are whole 64-bit words; the verifier allows up to 256 descriptors."""
-    for size in (64, 128, 192, 256):
-        if count <= size:
-            return size
-    raise BackendUnavailable(f"{what} needs {count} rule descriptors; the ebpf backend supports 256")
+def max_rules_setting(limits: EbpfLimits, count: int, what: str) -> int:
+    """KF_MAX_RULES: spec.ebpf.limits.rules, whatever the intent holds (ebpf_refusals refuses more)."""
+    if count > limits.rules:
+        raise BackendUnavailable(f"{what} needs {count} rule descriptors; spec.ebpf.limits.rules is {limits.rules}")
+    return limits.rules
+
+
+def _settings(limits: EbpfLimits, *names: str) -> list[str]:
+    """The -D settings of a program: its limits, never a size of the intent, so that growth within them
+    changes map entries only (the program's digest, and so its id and attachments, stay)."""
+    values = {
+        "KF_MAX_RULES": limits.rules,
+        "KF_MAX_PREFIXES": limits.prefixes,
+        "KF_MAX_PROXIES": limits.proxies,
+        "KF_MAX_SERVICES": limits.services,
+        "KF_MAX_BACKENDS": limits.backends,
+        "KF_MAGLEV_CHUNKS": maglev_chunks_limit(limits),
+    }
+    return [f"-D{name}={values[name]}" for name in names]
+
+
+def maglev_chunks_limit(limits: EbpfLimits) -> int:
+    """Entries of the maglev hash: a service of n backends takes at most 1 + n / 6 chunks
+    (maglev.table_size gives about 20 to 40 slots per backend, in chunks of bpf_layout.MAGLEV_CHUNK)."""
+    return limits.services + 2 * limits.backends // 6 + 1
 
 
 def lpm_values(prefix_bits: dict[Network, int]) -> dict[Network, int]:
@@ -220,11 +242,12 @@ def compile_intent(intent: NetworkIntent) -> DesiredState:
     programs: list[BpfProgram] = []
     entries: list[BpfMapEntry] = []
     routing: list[KernelObject] = list(lower_routing(intent))
+    tables = _LbTables(intent.spec.load_balancing.services, intent.spec.ebpf.limits)
     for program, program_entries in (
         *_filtering(intent),
         *_inbound_interception(intent, routing),
-        *_tc_balancing(intent),
-        *_socket_programs(intent),
+        *_tc_balancing(intent, tables),
+        *_socket_programs(intent, tables),
     ):
         programs.append(program)
         entries += program_entries
@@ -384,7 +407,7 @@ def _filtering(intent: NetworkIntent) -> list[tuple[BpfProgram, list[BpfMapEntry
                 for ports in _port_ranges(rule.ports):
                     descriptors.append((_Descriptor(flags, proto, action, counter, ports, rate, burst),
                                         sources, destinations, where))
-        max_rules = max_rules_setting(len(descriptors), f"interface {interface}")
+        max_rules = max_rules_setting(intent.spec.ebpf.limits, len(descriptors), f"interface {interface}")
         words = max_rules // 64
         src_bits: dict[Network, int] = {}
         dst_bits: dict[Network, int] = {}
@@ -399,7 +422,7 @@ def _filtering(intent: NetworkIntent) -> list[tuple[BpfProgram, list[BpfMapEntry
             program.entry("config", L.U32.pack(0), config, "filtering defaults")
         hooks = {"egress" if d.flags & L.RULE_EGRESS else "ingress" for d, *_ in descriptors} | default_hooks
         attachments = [(f"kf_tc_{hook}", f"tc:{interface}:{hook}") for hook in sorted(hooks)]
-        cflags = [f"-DKF_MAX_RULES={max_rules}"]
+        cflags = _settings(intent.spec.ebpf.limits, "KF_MAX_RULES", "KF_MAX_PREFIXES")
         result.append((_program(program, attachments, cflags), program.entries))
     return result
 
@@ -443,8 +466,8 @@ def _intercept_tables(rules: Sequence[InterceptionRule], where_prefix: str,
 
 
 def _intercept_entries(program: _Program, descriptors: list[_InterceptDescriptor], bits: dict[Network, int],
-                       where: str) -> int:
-    max_rules = max_rules_setting(len(descriptors), where)
+                       where: str, limits: EbpfLimits) -> int:
+    max_rules = max_rules_setting(limits, len(descriptors), where)
     for index, d in enumerate(descriptors):
         value = L.INTERCEPT_RULE.pack(d.action, d.proto, d.ports[0], d.ports[1], d.proxy_port, d.slot, d.counter)
         program.entry("intercept_rules", L.U32.pack(index), value, where)
@@ -462,7 +485,7 @@ def _inbound_interception(intent: NetworkIntent, routing: list[KernelObject]) ->
     descriptors, bits = _intercept_tables(rules, "interception", slots)
     # ebpf_refusals: every inbound rule names its interfaces (policy routing `iif <interface>` makes its
     # destinations local; without one it would also catch the host's own outgoing connections).
-    max_rules = _intercept_entries(program, descriptors, bits, "interception")
+    max_rules = _intercept_entries(program, descriptors, bits, "interception", intent.spec.ebpf.limits)
     # A rule applies to connections arriving on its interfaces only (never lo unless named): per
     # interface, the descriptors of the rules that name it. The reconciler resolves names to ifindexes.
     by_interface: dict[str, int] = {}
@@ -505,7 +528,7 @@ def _inbound_interception(intent: NetworkIntent, routing: list[KernelObject]) ->
                     for ports in port_ranges:
                         routing.append(ip_rule(family, section.rule_priority, table, iif=interface,
                                                ip_proto=_PROTO[proto_name], dport=ports, origin=origin))
-    cflags = [f"-DKF_MAX_RULES={max_rules}", f"-DKF_MAX_PROXIES={max(64, len(slots))}"]
+    cflags = _settings(intent.spec.ebpf.limits, "KF_MAX_RULES", "KF_MAX_PREFIXES", "KF_MAX_PROXIES")
     return [(_program(program, [("kf_sk_lookup", "netns:sk_lookup")], cflags), program.entries)]
 
 
@@ -527,48 +550,34 @@ def _expand_ids(ranges: Iterable[int | str], where: str) -> list[int]:
     return ids
 
 
-def _lb_sizes(services: Sequence[Service]) -> tuple[int, int]:
-    """(Maglev table size, KF_MAX_SERVICES) for these services: the same for every program balancing them."""
-    size = maglev.table_size(max((len(s.backends) for s in services), default=1))
-    max_services = 16
-    while max_services < len(services):
-        max_services *= 2
-    return size, max_services
-
-
-def _tc_balancing(intent: NetworkIntent) -> list[tuple[BpfProgram, list[BpfMapEntry]]]:
+def _tc_balancing(intent: NetworkIntent, tables: _LbTables) -> list[tuple[BpfProgram, list[BpfMapEntry]]]:
     """tc_lb.c on each interface where clients of other hosts reach the VIPs (see LoadBalancing.interfaces)."""
     services = intent.spec.load_balancing.services
     interfaces = intent.spec.load_balancing.interfaces or intent.spec.ebpf.interfaces
     if not services or not interfaces:
         return []
-    size, max_services = _lb_sizes(services)
+    limits = intent.spec.ebpf.limits
     result = []
     for interface in sorted(set(interfaces)):  # exact names (ebpf_refusals)
         program = _Program(f"lb-{interface}", "tc_lb.c", f"loadBalancing@{interface}")
-        backend_index = {4: 0, 6: 0}
-        for svc_id, service in enumerate(services):
-            _service_entries(program, service, svc_id, size, backend_index)
+        program.entries += tables.entries(program)
         attachments = [("kf_lb_ingress", f"tc:{interface}:ingress"), ("kf_lb_egress", f"tc:{interface}:egress")]
-        cflags = [f"-DKF_MAGLEV_SIZE={size}", f"-DKF_MAX_SERVICES={max_services}"]
+        cflags = _settings(limits, "KF_MAX_SERVICES", "KF_MAX_BACKENDS", "KF_MAGLEV_CHUNKS")
         result.append((_program(program, attachments, cflags), program.entries))
     return result
 
 
-def _socket_programs(intent: NetworkIntent) -> list[tuple[BpfProgram, list[BpfMapEntry]]]:
+def _socket_programs(intent: NetworkIntent, tables: _LbTables) -> list[tuple[BpfProgram, list[BpfMapEntry]]]:
     services = intent.spec.load_balancing.services
     outbound = [r for r in intent.spec.interception.rules if r.direction == "outbound"]
     if not services and not outbound:
         return []
     program = _Program("sock", "sock_connect.c", f"cgroup {_cgroup(intent)}")
-    size, max_services = _lb_sizes(services)
-    backend_index = {4: 0, 6: 0}
-    for svc_id, service in enumerate(services):
-        _service_entries(program, service, svc_id, size, backend_index)
-    max_rules = 64
+    limits = intent.spec.ebpf.limits
+    program.entries += tables.entries(program)
     if outbound:
         descriptors, bits = _intercept_tables(outbound, "interception", None)
-        max_rules = _intercept_entries(program, descriptors, bits, "interception (outbound)")
+        _intercept_entries(program, descriptors, bits, "interception (outbound)", limits)
         for rule in outbound:
             where = f"interception/{rule.name}"
             for uid in _expand_ids(rule.exclude.uids, where):
@@ -582,37 +591,207 @@ def _socket_programs(intent: NetworkIntent) -> list[tuple[BpfProgram, list[BpfMa
     attachments = [(f"kf_{hook}", f"cgroup:{cgroup}:{hook}") for hook in hooks]
     if outbound:
         attachments += [("kf_sockops", f"cgroup:{cgroup}:sock_ops"), ("kf_getsockopt", f"cgroup:{cgroup}:getsockopt")]
-    cflags = [f"-DKF_MAX_RULES={max_rules}", f"-DKF_MAGLEV_SIZE={size}", f"-DKF_MAX_SERVICES={max_services}"]
+    cflags = _settings(limits, "KF_MAX_RULES", "KF_MAX_PREFIXES", "KF_MAX_SERVICES", "KF_MAX_BACKENDS",
+                       "KF_MAGLEV_CHUNKS")
     return [(_program(program, attachments, cflags), program.entries)]
 
 
-def _service_entries(program: _Program, service: Service, svc_id: int, size: int, next_index: dict[int, int]) -> None:
-    family = ipaddress.ip_address(service.vip).version
-    first = next_index[family]
-    next_index[family] = first + len(service.backends)
-    # A service's entries (its Maglev table above all) depend only on these inputs: a change elsewhere
-    # in the intent reuses the list an earlier compile made, objects and all.
-    inputs = (program.name, program.source, service.model_dump_json(), svc_id, size, first)
-    program.entries += remembered(("service entries", *inputs), lambda: _build_service_entries(
-        _Program(program.name, program.source, program.origin), service, svc_id, size, first))
+# ------------------------------------------------------- load-balancing tables
+# Service ids and backend indexes are slots of open-addressing tables, filled in a deterministic order:
+# each item's home is a hash of its identity (crc32, stable across processes), items are placed in
+# order of (home, identity) at the first free slot from their home. An id therefore depends on the
+# services near it in that table, not on the service's position in the intent: adding or removing a
+# service leaves every other service's id, backend indexes and Maglev rows as they were (bar the few
+# that had been displaced past it), which keeps a one-service change a handful of map updates.
 
 
-def _build_service_entries(program: _Program, service: Service, svc_id: int, size: int,
-                           first: int) -> list[BpfMapEntry]:
-    where = f"loadBalancing/{service.name}"
-    family = ipaddress.ip_address(service.vip).version
+def allocate_slots(identities: Sequence[bytes], capacity: int) -> list[int]:
+    """A distinct slot in [0, capacity) for each identity (which must be distinct), as described above."""
+    if len(identities) > capacity:
+        raise BackendUnavailable(f"{len(identities)} items do not fit {capacity} slots")  # ebpf_refusals
+    crc = zlib.crc32
+    homes = [crc(identity) % capacity for identity in identities]
+    order = sorted(zip(homes, identities, range(len(identities)), strict=True))
+    slots = [0] * len(identities)
+    cursor = 0
+    wrapped: list[int] = []
+    for home, _, i in order:
+        at = home if home >= cursor else cursor
+        if at >= capacity:
+            wrapped.append(i)
+            continue
+        slots[i] = at
+        cursor = at + 1
+    if wrapped:
+        late = set(wrapped)
+        used = {slots[i] for _, _, i in order if i not in late}
+        free = (at for at in range(capacity) if at not in used)
+        for i in wrapped:
+            slots[i] = next(free)
+    return slots
+
+
+class _SlotTable:
+    """allocate_slots() kept between compiles: a few identities added or removed cost about that (the
+    slots after each change are recomputed until they agree with the previous ones again). Equal to
+    allocate_slots of the same identities (a test checks)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.order: list[tuple[int, bytes]] = []  # (home, identity), sorted
+        self.slots: dict[bytes, int] = {}
+        self.wrapped = False
+
+    def assign(self, identities: Sequence[bytes]) -> dict[bytes, int]:
+        wanted = set(identities)
+        added = [i for i in identities if i not in self.slots]
+        removed = [i for i in self.slots if i not in wanted] if len(wanted) - len(added) != len(self.slots) else []
+        if not added and not removed:
+            return self.slots
+        if len(added) + len(removed) > 64 + len(wanted) // 16 or not self._update(added, removed):
+            self._rebuild(identities)
+        return self.slots
+
+    def _rebuild(self, identities: Sequence[bytes]) -> None:
+        slots = allocate_slots(identities, self.capacity)
+        crc, capacity = zlib.crc32, self.capacity
+        self.order = sorted((crc(identity) % capacity, identity) for identity in identities)
+        self.slots = dict(zip(identities, slots, strict=True))
+        # slots wrapped past the end break the order _update relies on
+        self.wrapped = any(self.slots[identity] < home for home, identity in self.order[-64:])
+
+    def _update(self, added: list[bytes], removed: list[bytes]) -> bool:
+        """Applies the change in place; False when the table must be rebuilt instead."""
+        if self.wrapped:
+            return False
+        crc, capacity, order = zlib.crc32, self.capacity, self.order
+        slots = dict(self.slots)
+        for identity in removed:
+            del order[bisect_left(order, (crc(identity) % capacity, identity))]
+            del slots[identity]
+        for identity in added:
+            insort(order, (crc(identity) % capacity, identity))
+        # where each change is now: an added item, or the item that followed a removed one
+        touched = [bisect_left(order, (crc(identity) % capacity, identity)) for identity in added + removed]
+        start, end = min(touched), max(touched)
+        previous = slots[order[start - 1][1]] if start > 0 else -1
+        at = start
+        while at < len(order):
+            home, identity = order[at]
+            slot = home if home > previous else previous + 1
+            if slot >= capacity:
+                return False
+            if at > end and slots.get(identity) == slot:
+                break  # every later slot follows from this one, as before
+            slots[identity] = slot
+            previous = slot
+            at += 1
+        self.slots = slots
+        return True
+
+
+_SLOT_TABLES: dict[tuple[str, int], _SlotTable] = {}
+
+
+def _slot_table(name: str, capacity: int) -> _SlotTable:
+    table = _SLOT_TABLES.get((name, capacity))
+    if table is None:
+        if len(_SLOT_TABLES) >= 16:
+            _SLOT_TABLES.clear()
+        table = _SLOT_TABLES[(name, capacity)] = _SlotTable(capacity)
+    return table
+
+
+@dataclass(frozen=True)
+class _ServiceInputs:
+    """What one service contributes to the load-balancing maps, decoded once per service text."""
+
+    family: int
+    key: bytes  # its services_v4/v6 key
+    entry_value: bytes  # kf_service without id and Maglev size: backend_count, algorithm, flags
+    backends: tuple[bytes, ...]  # kf_backend_v4/v6 values, in the intent's order
+    identities: tuple[bytes, ...]  # the backends' identities in the backend index table
+    table: tuple[int, ...]  # its Maglev table: slot -> position in `backends`
+
+
+def _service_inputs(service: Service) -> tuple[str, _ServiceInputs]:
+    text = service.model_dump_json()  # a str caches its hash: cheap as a key below
+    return text, remembered(("service inputs", text), lambda: _decode_service(service))
+
+
+def _decode_service(service: Service) -> _ServiceInputs:
+    family = 6 if ":" in service.vip else 4  # canonical addresses (intent.py)
+    packed = _packed_v4 if family == 4 else _packed_v6
     proto = _PROTO[service.protocol]
-    vip = ipaddress.ip_address(service.vip).packed
-    key = (L.SVC_KEY_V4 if family == 4 else L.SVC_KEY_V6).pack(vip, service.port, proto)
-    algorithm = L.LB_AFFINITY if service.algorithm == "source-hash" else L.LB_RANDOM
-    program.entry(f"services_v{family}", key, L.SERVICE.pack(svc_id, len(service.backends), algorithm, 0), where)
-    layout = L.BACKEND_V4 if family == 4 else L.BACKEND_V6
-    for offset, backend in enumerate(service.backends):
-        value = layout.pack(ipaddress.ip_address(backend.address).packed, backend.port or service.port)
-        program.entry(f"backends_v{family}", L.U32.pack(first + offset), value, where)
-    identities = tuple(f"{b.address}:{b.port or service.port}" for b in service.backends)
+    key = (L.SVC_KEY_V4 if family == 4 else L.SVC_KEY_V6).pack(packed(service.vip), service.port, proto)
+    pack = (L.BACKEND_V4 if family == 4 else L.BACKEND_V6).pack
+    backends = tuple(pack(packed(b.address), b.port or service.port) for b in service.backends)
+    seen: dict[bytes, int] = {}
+    identities = []
+    for value in backends:
+        # a backend listed twice in one service gets two indexes
+        seen[value] = seen.get(value, -1) + 1
+        identities.append(key + value + bytes([seen[value] & 0xFF, seen[value] >> 8 & 0xFF]))
+    names = tuple(f"{b.address}:{b.port or service.port}" for b in service.backends)
     weights = tuple(b.weight for b in service.backends)
-    table = remembered(("maglev", identities, weights, size), lambda: maglev.build(list(identities), list(weights), size))
-    # One entry for the service's whole row of slots (see bpf_layout.ROW_MAPS).
-    program.entry("maglev", L.U32.pack(svc_id * size), L.slot_row(table, first + 1), where)
-    return program.entries
+    size = maglev.table_size(len(names))
+    table = tuple(remembered(("maglev", names, weights, size), lambda: maglev.build(list(names), list(weights), size)))
+    algorithm = L.LB_AFFINITY if service.algorithm == "source-hash" else L.LB_RANDOM
+    return _ServiceInputs(family, key, struct.pack("<HBB", len(backends), algorithm, 0), backends,
+                          tuple(identities), table)
+
+
+def _packed_v4(address: str) -> bytes:
+    return bytes(map(int, address.split(".")))  # canonical dotted quad (intent.py)
+
+
+def _packed_v6(address: str) -> bytes:
+    return ipaddress.IPv6Address(address).packed
+
+
+class _LbTables:
+    """The load-balancing map contents of an intent's services: decoded, given ids and backend indexes once
+    per compile, then entries per program (tc_lb and sock_connect hold the same)."""
+
+    def __init__(self, services: Sequence[Service], limits: EbpfLimits) -> None:
+        self.services = services
+        pairs = [_service_inputs(service) for service in services]
+        self.texts = [text for text, _ in pairs]
+        self.inputs = [svc for _, svc in pairs]
+        self.ids: list[int] = []
+        self.indexes: list[tuple[int, ...]] = []
+        if not services:
+            return
+        ids = _slot_table("services", limits.services).assign([bytes([len(i.key)]) + i.key for i in self.inputs])
+        self.ids = [ids[bytes([len(i.key)]) + i.key] for i in self.inputs]
+        by_family: dict[int, dict[bytes, int]] = {}
+        for family in (4, 6):
+            identities = [identity for i in self.inputs if i.family == family for identity in i.identities]
+            by_family[family] = _slot_table(f"backends_v{family}", limits.backends).assign(identities) \
+                if identities else {}
+        self.indexes = [tuple(map(by_family[i.family].__getitem__, i.identities)) for i in self.inputs]
+
+    def entries(self, program: _Program) -> list[BpfMapEntry]:
+        """services_v4/v6, backends_v4/v6 and maglev entries of every service, for `program`."""
+        entries: list[BpfMapEntry] = []
+        for service, text, svc, svc_id, indexes in zip(self.services, self.texts, self.inputs, self.ids,
+                                                       self.indexes, strict=True):
+            # A service's entries depend only on these inputs (its text decodes to `svc`): a change
+            # elsewhere in the intent reuses the list an earlier compile made, objects and all.
+            entries += remembered(("service entries", program.name, program.source, text, svc_id, indexes),
+                                  partial(_service_entries, program, service.name, svc, svc_id, indexes))
+        return entries
+
+
+def _service_entries(program: _Program, name: str, svc: _ServiceInputs, svc_id: int,
+                     indexes: tuple[int, ...]) -> list[BpfMapEntry]:
+    where = f"loadBalancing/{name}"
+    out = _Program(program.name, program.source, program.origin)
+    size = len(svc.table)
+    out.entry(f"services_v{svc.family}", svc.key, L.U32.pack(svc_id) + svc.entry_value + L.U32.pack(size), where)
+    for index, value in zip(indexes, svc.backends, strict=True):
+        out.entry(f"backends_v{svc.family}", L.U32.pack(index), value, where)
+    if svc.table:
+        for key, value in L.maglev_chunks(svc_id, svc.table, [index + 1 for index in indexes]):
+            out.entry("maglev", key, value, where)
+    return out.entries

@@ -23,7 +23,11 @@ from .intent import FilterChain, FilterRule, InterceptionRule, NetworkIntent
 from .semantics import Finding, Path
 
 MAX_RULE_DESCRIPTORS = 256
-"""Rule descriptors one program holds (KF_MAX_RULES): rule bitmaps are whole 64-bit words, the verifier allows 256."""
+"""The most spec.ebpf.limits.rules allows (KF_MAX_RULES): rule bitmaps are whole 64-bit words, the verifier
+allows 256."""
+
+MAX_SERVICE_BACKENDS = 65535
+"""Backends of one service (kf_service.backend_count is 16 bits)."""
 
 MAX_ID_RANGE = 256
 """Ids of one excluded uid/gid range: the exclusion maps list ids one by one."""
@@ -38,7 +42,91 @@ def refusals(intent: NetworkIntent) -> list[Finding]:
     findings += _filtering(intent)
     findings += _interception(intent)
     findings += _interfaces(intent)
+    findings += _load_balancing_limits(intent)
+    findings += _prefix_limits(intent)
     return list(dict.fromkeys(findings))
+
+
+# ------------------------------------------------------------------ limits
+# Programs are built for spec.ebpf.limits, never for the intent's size (growing is map updates): an intent
+# beyond a limit is refused here, at the item that crosses it, rather than failing in the kernel mid-apply.
+def _limit_hint(name: str) -> str:
+    return f"raise spec.ebpf.limits.{name} (the programs that use it are rebuilt once), or use the tproxy backend"
+
+
+def _load_balancing_limits(intent: NetworkIntent) -> Iterator[Finding]:
+    limits = intent.spec.ebpf.limits
+    services = intent.spec.load_balancing.services
+    base: Path = ("spec", "loadBalancing", "services")
+    if len(services) > limits.services:
+        yield (
+            (*base, limits.services),
+            f"service {services[limits.services].name!r} is beyond spec.ebpf.limits.services: the intent has "
+            f"{len(services)} services and the ebpf programs hold {limits.services}; {_limit_hint('services')}",
+        )
+    totals = {4: 0, 6: 0}
+    for service in services:
+        totals[6 if ":" in service.vip else 4] += len(service.backends)
+    running = {4: 0, 6: 0}
+    for index, service in enumerate(services):
+        family = 6 if ":" in service.vip else 4
+        before = running[family]
+        running[family] += len(service.backends)
+        if len(service.backends) > MAX_SERVICE_BACKENDS:
+            yield (
+                (*base, index, "backends"),
+                f"service {service.name!r} has {len(service.backends)} backends; an ebpf service holds at most "
+                f"{MAX_SERVICE_BACKENDS}; split it, or use the tproxy backend",
+            )
+        if before <= limits.backends < running[family]:
+            yield (
+                (*base, index, "backends"),
+                f"service {service.name!r} is beyond spec.ebpf.limits.backends: the IPv{family} services have "
+                f"{totals[family]} backends in all and the ebpf programs hold {limits.backends} per address family; "
+                f"{_limit_hint('backends')}",
+            )
+
+
+def _prefix_limits(intent: NetworkIntent) -> Iterator[Finding]:
+    """Entries of each LPM trie: per filter program (interface) the distinct source and the distinct
+    destination prefixes of its rules, per family; per interception program the destinations."""
+    limit = intent.spec.ebpf.limits.prefixes
+    fallback = intent.spec.ebpf.interfaces
+    groups: dict[tuple[str, str], list[tuple[Path, str, Sequence[str]]]] = {}
+    for direction, chain in _chains(intent):
+        for index, rule in enumerate(chain.rules):
+            here: Path = ("spec", "filtering", direction, "rules", index)
+            for interface in rule.interfaces or fallback:
+                for field in ("sources", "destinations"):
+                    groups.setdefault((f"the filter program on {interface!r}", field), []).append(
+                        ((*here, field), rule.name, getattr(rule, field)))
+    for index, icpt in enumerate(intent.spec.interception.rules):
+        at: Path = ("spec", "interception", "rules", index)
+        program = "the inbound interception program" if icpt.direction == "inbound" else "the cgroup programs"
+        for where, listed in (((*at, "destinations"), icpt.destinations),
+                              ((*at, "exclude", "destinations"), icpt.exclude.destinations)):
+            groups.setdefault((program, "destinations"), []).append((where, icpt.name, listed))
+    for (program, field), items in groups.items():
+        # every rule adds at most its own CIDRs and the two any-prefixes: count exactly only past the limit
+        if sum(len(cidrs) for _, _, cidrs in items) + 2 <= limit:
+            continue
+        held: dict[int, set[tuple[int, int]]] = {4: set(), 6: set()}
+        for path, name, cidrs in items:
+            networks = collapsed_prefixes(list(cidrs)) if cidrs else None
+            before = {family: len(held[family]) for family in held}
+            if networks is None:
+                held[4].add((0, 0))
+                held[6].add((0, 0))
+            else:
+                for network in networks:
+                    held[network.version].add((network.value, network.prefixlen))
+            for family in (4, 6):
+                if before[family] <= limit < len(held[family]):
+                    yield (
+                        path,
+                        f"rule {name!r} is beyond spec.ebpf.limits.prefixes: {program} would hold more than "
+                        f"{limit} IPv{family} {field} prefixes in one LPM trie; {_limit_hint('prefixes')}",
+                    )
 
 
 # -------------------------------------------------------------------- filtering
@@ -77,7 +165,7 @@ def _filtering(intent: NetworkIntent) -> Iterator[Finding]:
                 )
             count = _FILTER_PROTOCOLS[rule.protocol] * (len(rule.ports) or 1)
             placed.append((here, rule, count, rule.interfaces or fallback))
-    yield from _filter_descriptors(placed)
+    yield from _filter_descriptors(placed, intent.spec.ebpf.limits.rules)
 
 
 def _chain_settings(chains: Sequence[tuple[str, FilterChain]], interfaces: Sequence[str] = ()) -> Iterator[Finding]:
@@ -118,7 +206,7 @@ def _stateless_protocol(direction: str, rule: FilterRule) -> str:
     )
 
 
-def _filter_descriptors(placed: Sequence[tuple[Path, FilterRule, int, Sequence[str]]]) -> Iterator[Finding]:
+def _filter_descriptors(placed: Sequence[tuple[Path, FilterRule, int, Sequence[str]]], limit: int) -> Iterator[Finding]:
     """One filter program per interface holds the descriptors of every rule attached there."""
     totals: dict[str, int] = {}
     for _, _, count, interfaces in placed:
@@ -129,13 +217,16 @@ def _filter_descriptors(placed: Sequence[tuple[Path, FilterRule, int, Sequence[s
         for interface in interfaces:
             before = running.get(interface, 0)
             running[interface] = before + count
-            if before <= MAX_RULE_DESCRIPTORS < before + count:
+            if before <= limit < before + count:
                 yield (
                     here,
                     f"filter rule {rule.name!r} is beyond what one ebpf filter program holds: interface "
                     f"{interface!r} would need {totals[interface]} rule descriptors (one per protocol and port "
-                    f"range of each rule on it) and the ebpf backend supports {MAX_RULE_DESCRIPTORS}; merge ports "
-                    "into ranges, spread the rules over interfaces, or use the tproxy backend",
+                    f"range of each rule on it) and spec.ebpf.limits.rules is {limit}"
+                    + (f" (at most {MAX_RULE_DESCRIPTORS})" if limit < MAX_RULE_DESCRIPTORS else
+                       ", the most the ebpf backend supports") + "; merge ports into ranges, spread the rules "
+                    "over interfaces, " + ("raise the limit, " if limit < MAX_RULE_DESCRIPTORS else "")
+                    + "or use the tproxy backend",
                 )
 
 
@@ -189,7 +280,26 @@ def _interception(intent: NetworkIntent) -> Iterator[Finding]:
     yield from _inbound_tables(intent)
     yield from _outbound_exclusions([(i, r) for i, r in rules if r.direction == "outbound"])
     for direction, program in (("inbound", "sk_lookup"), ("outbound", "cgroup connect")):
-        yield from _intercept_descriptors([(i, r) for i, r in rules if r.direction == direction], direction, program)
+        yield from _intercept_descriptors([(i, r) for i, r in rules if r.direction == direction], direction, program,
+                                          intent.spec.ebpf.limits.rules)
+    yield from _proxy_limit(intent)
+
+
+def _proxy_limit(intent: NetworkIntent) -> Iterator[Finding]:
+    """The inbound program keeps a listener slot per proxy port and protocol."""
+    limit = intent.spec.ebpf.limits.proxies
+    slots: set[tuple[int | None, str]] = set()
+    for index, rule in enumerate(intent.spec.interception.rules):
+        if rule.direction != "inbound":
+            continue
+        before = len(slots)
+        slots.update((rule.proxy_port, protocol) for protocol in rule.protocols)
+        if before <= limit < len(slots):
+            yield (
+                ("spec", "interception", "rules", index, "proxyPort"),
+                f"interception rule {rule.name!r} is beyond spec.ebpf.limits.proxies: the inbound rules name more "
+                f"than {limit} proxy listeners (port and protocol); {_limit_hint('proxies')}",
+            )
 
 
 def _inbound_tables(intent: NetworkIntent) -> Iterator[Finding]:
@@ -228,27 +338,28 @@ def _outbound_exclusions(outbound: Sequence[tuple[int, InterceptionRule]]) -> It
 
 
 def _intercept_descriptors(rules: Sequence[tuple[int, InterceptionRule]], direction: str,
-                           program: str) -> Iterator[Finding]:
+                           program: str, limit: int) -> Iterator[Finding]:
     """Each protocol of a rule takes a descriptor per excluded prefix, excluded port range and port range."""
     counts = []
     for index, rule in rules:
         per_protocol = len(rule.exclude.ports) + (len(rule.ports) or 1)
         counts.append((index, rule, per_protocol, len(rule.exclude.destinations)))
     # Excluded destinations count once collapsed, which costs a little: only when the plain count is too high.
-    if sum(len(r.protocols) * (n + cidrs) for _, r, n, cidrs in counts) <= MAX_RULE_DESCRIPTORS:
+    if sum(len(r.protocols) * (n + cidrs) for _, r, n, cidrs in counts) <= limit:
         return
     sizes = [(index, rule, len(rule.protocols) * (n + len(collapsed_prefixes(rule.exclude.destinations))))
              for index, rule, n, _ in counts]
     total = sum(size for _, _, size in sizes)
     running = 0
     for index, rule, size in sizes:
-        if running <= MAX_RULE_DESCRIPTORS < running + size:
+        if running <= limit < running + size:
             yield (
                 ("spec", "interception", "rules", index),
                 f"interception rule {rule.name!r} is beyond what the ebpf {direction} interception program "
                 f"({program}) holds: the {direction} rules need {total} rule descriptors (per protocol, one per "
-                f"excluded prefix, excluded port range and port range) and the ebpf backend supports "
-                f"{MAX_RULE_DESCRIPTORS}; merge ports into ranges, or use the tproxy backend",
+                f"excluded prefix, excluded port range and port range) and spec.ebpf.limits.rules is {limit}; "
+                "merge ports into ranges, " + ("raise the limit, " if limit < MAX_RULE_DESCRIPTORS else "")
+                + f"or use the tproxy backend (the ebpf backend supports at most {MAX_RULE_DESCRIPTORS})",
             )
         running += size
 

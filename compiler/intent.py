@@ -338,6 +338,37 @@ class Filtering(_Model):
 
 
 # ------------------------------------------------------------------------ ebpf
+class EbpfLimits(_Model):
+    """What the ebpf backend's programs are built to hold. Programs are compiled for these limits, never for
+    the intent's size, so an intent grows up to them by map updates alone (program ids and attachments stay,
+    and so do flow tables); an intent beyond them is refused at validate time. Changing a limit rebuilds the
+    programs that use it."""
+
+    services: int = Field(
+        default=65536, ge=1, le=16_777_216,
+        description="load-balanced services (both address families together): entries of the service maps",
+    )
+    backends: int = Field(
+        default=262144, ge=1, le=16_777_216,
+        description="backends of all services, per address family (a backend listed by two services counts twice)",
+    )
+    rules: int = Field(
+        default=256, ge=64, le=256, multiple_of=64,
+        description="rule descriptors per program (64, 128, 192 or 256): one per protocol and port range of each "
+        "filter rule on an interface, or of the interception rules of a direction; more costs the verifier time "
+        "when a program loads (about 1 s for a filter program at 256)",
+    )
+    prefixes: int = Field(
+        default=1_048_576, ge=1, le=16_777_216,
+        description="prefixes per LPM trie (the distinct source or destination CIDRs of the filter rules on an "
+        "interface, per address family; the destinations of interception rules); tries allocate per entry held",
+    )
+    proxies: int = Field(
+        default=64, ge=1, le=65536,
+        description="proxy listeners (port and protocol) of inbound interception",
+    )
+
+
 class EbpfOptions(_Model):
     """Settings only the ebpf backend needs."""
 
@@ -350,6 +381,9 @@ class EbpfOptions(_Model):
         pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$",
         description="cgroup v2 path (below the cgroup2 mount) whose processes get socket-level load balancing "
         "and outbound interception; default kernform/<intent name>",
+    )
+    limits: EbpfLimits = Field(
+        default=EbpfLimits(), description="what the programs hold; growing up to these is map updates only"
     )
 
 

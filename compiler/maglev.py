@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import Any
 
 # Primes, so that every (offset, skip) permutation covers the whole table.
 TABLE_SIZES = (251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521)
@@ -27,7 +28,16 @@ def table_size(backend_count: int, slots_per_backend: int = 20) -> int:
 
 
 def _hash(text: str, salt: bytes) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8, key=salt).digest(), "big")
+    hasher = _KEYED.get(salt)
+    if hasher is None:
+        hasher = _KEYED[salt] = hashlib.blake2b(digest_size=8, key=salt)
+    # a copy of the keyed state skips the key's compression: the same digest as blake2b(text, key=salt)
+    h = hasher.copy()
+    h.update(text.encode())
+    return int.from_bytes(h.digest(), "big")
+
+
+_KEYED: dict[bytes, Any] = {}
 
 
 def _permutation(backend: str, size: int) -> tuple[int, int]:
@@ -50,6 +60,8 @@ def build(backends: Sequence[str], weights: Sequence[int], size: int) -> list[in
         return []
     count = len(backends)
     positions, skips = map(list, zip(*(_permutation(b, size) for b in backends), strict=True))
+    if min(weights) == max(weights):
+        return _build_equal(positions, skips, size)
     table = [-1] * size
     filled = 0
     top = max(weights)
@@ -79,3 +91,24 @@ def build(backends: Sequence[str], weights: Sequence[int], size: int) -> list[in
                         return table
                 positions[i] = pos
             credit[i] = c
+
+
+def _build_equal(positions: list[int], skips: list[int], size: int) -> list[int]:
+    """build() when every weight is the same: each round gives every backend one slot, in order, until the
+    table is full (the same table as the weighted loop, without its credit arithmetic; a test compares)."""
+    table = [-1] * size
+    rounds, rest = divmod(size, len(positions))
+    order = range(len(positions))
+    for turn in range(rounds + 1):
+        if turn == rounds:
+            order = range(rest)
+        for i in order:
+            pos = positions[i]
+            if table[pos] >= 0:
+                skip = skips[i]
+                pos = (pos + skip) % size
+                while table[pos] >= 0:
+                    pos = (pos + skip) % size
+            table[pos] = i
+            positions[i] = (pos + skips[i]) % size
+    return table

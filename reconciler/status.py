@@ -431,11 +431,11 @@ def _service_rows(rows: Rows, program: BpfProgram, entries: Mapping[tuple[str, s
     service add up over programs. A service's backends are the indexes its Maglev row holds."""
     stats = maps.get("lb_counters", {})
     backend_stats = maps.get("lb_be_counters", {})
-    size = _setting(program.cflags, "KF_MAGLEV_SIZE")
-    max_backends = _setting(program.cflags, "KF_MAX_BACKENDS") or 4096
-    rows_by_first: dict[int, bytes] = {}
+    max_backends = _setting(program.cflags, "KF_MAX_BACKENDS") or 262144
+    chosen_by_id: dict[int, set[int]] = {}  # service id -> the backend indexes its Maglev chunks hold
     for entry in entries.get((program.name, "maglev"), []):
-        rows_by_first[bpf_layout.U32.unpack(bytes.fromhex(entry.key_hex))[0]] = bytes.fromhex(entry.value_hex)
+        svc_id = bpf_layout.MAGLEV_KEY.unpack(bytes.fromhex(entry.key_hex))[0]
+        chosen_by_id.setdefault(svc_id, set()).update(array("I", bytes.fromhex(entry.value_hex)))
     for map_name in ("services_v4", "services_v6"):
         family = 4 if map_name.endswith("v4") else 6
         addresses = {bpf_layout.U32.unpack(bytes.fromhex(e.key_hex))[0]: bytes.fromhex(e.value_hex)
@@ -449,10 +449,7 @@ def _service_rows(rows: Rows, program: BpfProgram, entries: Mapping[tuple[str, s
             wanted = ("newFlows", "packets", "bytes", "dropped") if program.source == "tc_lb.c" \
                 else ("newFlows", "dropped")
             rows("loadBalancing", origin).add({k: fields.get(k, 0) for k in wanted})
-            row_bytes = rows_by_first.get(svc_id * size) if size else None
-            if row_bytes is None:
-                continue
-            for index in sorted({slot - 1 for slot in array("I", row_bytes) if slot}):
+            for index in sorted(slot - 1 for slot in chosen_by_id.get(svc_id, ()) if slot):
                 value = addresses.get(index)
                 layout = bpf_layout.BACKEND_V4 if family == 4 else bpf_layout.BACKEND_V6
                 if value is None:

@@ -5,7 +5,7 @@
  * compiler's single layout (compiler/bpf_layout.py) fits both objects.
  * Also their counters, which both programs keep alike (lb_counters per service,
  * lb_be_counters per backend).
- * Settings: KF_MAX_SERVICES, KF_MAGLEV_SIZE (a prime), KF_MAX_BACKENDS.
+ * Settings: KF_MAX_SERVICES, KF_MAX_BACKENDS, KF_MAGLEV_CHUNKS.
  */
 #ifndef KF_LB_TABLES_H
 #define KF_LB_TABLES_H
@@ -13,26 +13,32 @@
 #include "kf_maps.h"
 #include "kf_types.h"
 
+/*
+ * Limits, not sizes of an intent: the compiler passes the intent's
+ * spec.ebpf.limits (the same whatever the intent holds), so adding
+ * services, backends or Maglev slots is a map update, never a new program.
+ */
 #ifndef KF_MAX_SERVICES
-#define KF_MAX_SERVICES 256
-#endif
-#ifndef KF_MAGLEV_SIZE
-#define KF_MAGLEV_SIZE 1021
+#define KF_MAX_SERVICES 65536
 #endif
 #ifndef KF_MAX_BACKENDS
-#define KF_MAX_BACKENDS 4096
+#define KF_MAX_BACKENDS 262144
+#endif
+/* Maglev chunks: a service of n backends takes at most 1 + n / 6 (see compiler/maglev.py). */
+#ifndef KF_MAGLEV_CHUNKS
+#define KF_MAGLEV_CHUNKS (KF_MAX_SERVICES + 2 * KF_MAX_BACKENDS / 6 + 1)
 #endif
 
-KF_MAP("hash", struct kf_svc_key_v4, struct kf_service, services_v4, KF_MAX_SERVICES);
-KF_MAP("hash", struct kf_svc_key_v6, struct kf_service, services_v6, KF_MAX_SERVICES);
-/* Memory-mappable: the reconciler reads all KF_MAX_SERVICES * KF_MAGLEV_SIZE
- * slots (260k by default) with one mmap instead of 260k copies per observe. */
-KF_MAP_F("array", u32, u32, maglev, KF_MAX_SERVICES * KF_MAGLEV_SIZE, BPF_F_MMAPABLE);
+/* Hashes without preallocation: memory follows what the intent holds, not its limits. */
+KF_MAP_F("hash", struct kf_svc_key_v4, struct kf_service, services_v4, KF_MAX_SERVICES, BPF_F_NO_PREALLOC);
+KF_MAP_F("hash", struct kf_svc_key_v6, struct kf_service, services_v6, KF_MAX_SERVICES, BPF_F_NO_PREALLOC);
+KF_MAP_F("hash", struct kf_maglev_key, struct kf_maglev_chunk, maglev, KF_MAGLEV_CHUNKS, BPF_F_NO_PREALLOC);
 KF_MAP("array", u32, struct kf_backend_v4, backends_v4, KF_MAX_BACKENDS);
 KF_MAP("array", u32, struct kf_backend_v6, backends_v6, KF_MAX_BACKENDS);
-/* Per service (index = kf_service.id) and per backend (index = backend index, + KF_MAX_BACKENDS for
- * backends_v6): what each program balanced. */
-KF_MAP("percpu_array", u32, struct kf_lb_counter, lb_counters, KF_MAX_SERVICES);
-KF_MAP("percpu_array", u32, struct kf_lb_backend_counter, lb_be_counters, 2 * KF_MAX_BACKENDS);
+/* Per service (key = kf_service.id) and per backend (key = backend index, + KF_MAX_BACKENDS for
+ * backends_v6): what each program balanced. Created by the program on first use. */
+KF_MAP_F("percpu_hash", u32, struct kf_lb_counter, lb_counters, KF_MAX_SERVICES, BPF_F_NO_PREALLOC);
+KF_MAP_F("percpu_hash", u32, struct kf_lb_backend_counter, lb_be_counters, 2 * KF_MAX_BACKENDS,
+	 BPF_F_NO_PREALLOC);
 
 #endif /* KF_LB_TABLES_H */

@@ -204,15 +204,32 @@ struct kf_svc_key_v6 {
 };
 
 /*
- * Value of services_v4 / services_v6. The service's Maglev table is
- * maglev[id * KF_MAGLEV_SIZE .. id * KF_MAGLEV_SIZE + KF_MAGLEV_SIZE - 1],
- * each entry an index into backends_v4 (v4 VIP) or backends_v6 (v6 VIP).
+ * Value of services_v4 / services_v6. The service's Maglev table has
+ * maglev_size slots (a prime chosen per service by the compiler, larger
+ * for more backends), stored in the `maglev` hash as chunks of
+ * KF_MAGLEV_CHUNK slots: slot s is maglev[{id, s / KF_MAGLEV_CHUNK}]
+ * .slot[s % KF_MAGLEV_CHUNK], each an index into backends_v4 (v4 VIP) or
+ * backends_v6 (v6 VIP) plus one. A service grows (more backends, a larger
+ * table) by map updates only: no setting depends on the size of an intent.
  */
 struct kf_service {
 	__u32 id;            /* < KF_MAX_SERVICES */
 	__u16 backend_count; /* 0: connect fails with EPERM */
 	__u8 algorithm;      /* KF_LB_* */
 	__u8 flags;
+	__u32 maglev_size;   /* slots of the service's Maglev table; 0: none */
+};
+
+/* Slots per value of the `maglev` hash (a power of two; 1 KiB values). */
+#define KF_MAGLEV_CHUNK 256
+
+struct kf_maglev_key {
+	__u32 id;    /* kf_service.id */
+	__u32 chunk; /* slot / KF_MAGLEV_CHUNK */
+};
+
+struct kf_maglev_chunk {
+	__u32 slot[KF_MAGLEV_CHUNK]; /* backend index + 1; 0: empty */
 };
 
 struct kf_backend_v4 {
@@ -300,7 +317,8 @@ struct kf_lb_rev {
 };
 
 /*
- * Per-CPU array `lb_counters`, index = kf_service.id (sum over CPUs).
+ * Per-CPU hash `lb_counters`, key = u32 kf_service.id (sum over CPUs); an
+ * entry is created by the program on first use.
  * tc_lb: packets/bytes count every client packet to the service at
  * ingress, dropped ones included. sock_connect: new_flows counts balanced
  * connect()/sendmsg() calls and dropped those refused (no backend);
@@ -314,8 +332,10 @@ struct kf_lb_counter {
 };
 
 /*
- * Per-CPU array `lb_be_counters` (tc_lb and sock_connect), index = backend
- * index (backends_v4), or KF_MAX_BACKENDS + index (backends_v6).
+ * Per-CPU hash `lb_be_counters` (tc_lb and sock_connect), key = u32 backend
+ * index (backends_v4), or KF_MAX_BACKENDS + index (backends_v6); created on
+ * first use. Hashes rather than arrays: memory follows the services and
+ * backends in use, not the (generous) limits times the number of CPUs.
  */
 struct kf_lb_backend_counter {
 	__u64 connections; /* flows (tc_lb) or connect()/sendmsg() calls (sock_connect) sent to it */

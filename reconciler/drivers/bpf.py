@@ -60,9 +60,13 @@ Attachment mechanics:
 Map entries: only the configuration maps (compiler.bpf_layout.CONFIG_MAPS).
 Array maps have no "absent" entry: an all-zero value means none, removing
 writes zeros. Reads are whole-map: one mmap for arrays declared
-BPF_F_MMAPABLE (maglev: 260k slots in ~3 ms), one batch lookup for other
-arrays and hashes, get_next_key for LPM tries (no batch ops there); writes
-are batched where the map type allows.
+BPF_F_MMAPABLE, one batch lookup for other arrays and hashes, get_next_key
+for LPM tries (no batch ops there); writes are batched where the map type
+allows, in chunks the kernel and memory bear (libbpf.Map.update_many).
+Within a program, entries are written in dependency order
+(compiler.bpf_layout.WRITE_ORDER: backends, then Maglev chunks, then
+services) and removed in the reverse order, so a lookup never finds a
+service whose chunks or backends are not there yet.
 
 `proxy_socks` (a sockmap) is desired as (port, protocol): apply finds the
 listening socket on that port in the namespace (inet_diag), takes a copy of
@@ -95,11 +99,8 @@ import struct
 import tempfile
 import threading
 import urllib.parse
-from array import array
 from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import compress
-from operator import ne
 from pathlib import Path
 from typing import Any
 
@@ -716,7 +717,7 @@ class BpfDriver:
                 raise KernelError(f"cannot open map {path}: {exc.strerror}") from exc
             with bpf_map:
                 try:
-                    pairs = self._config_pairs(bpf_map, bpf_layout.row_length(map_name, pdir.cflags()))
+                    pairs = self._config_pairs(bpf_map)
                 except OSError as exc:
                     raise KernelError(f"cannot read map {path}: {exc.strerror}") from exc
             entries += [
@@ -727,16 +728,14 @@ class BpfDriver:
             ]
         return entries
 
-    def _config_pairs(self, bpf_map: libbpf.Map, row: int | None = None) -> list[tuple[bytes, bytes]]:
-        """(key, value) of every configuration entry; a row map (bpf_layout.ROW_MAPS) as whole rows."""
+    def _config_pairs(self, bpf_map: libbpf.Map) -> list[tuple[bytes, bytes]]:
+        """(key, value) of every configuration entry."""
         info = bpf_map.info
         if info.type == libbpf.MAP_SOCKMAP:
             return self._proxy_pairs(bpf_map)
         if info.type in libbpf.PERCPU_MAP_TYPES or info.type in (libbpf.MAP_LRU_HASH, libbpf.MAP_LRU_PERCPU_HASH):
             raise InternalError(f"map {info.name} is runtime state, not configuration")
         if info.type == libbpf.MAP_ARRAY:
-            if row:
-                return _nonzero_array_entries(bpf_map.array_values(), info.value_size * row, info.value_size)
             return _nonzero_array_entries(bpf_map.array_values(), info.value_size)
         if info.name in bpf_layout.IFINDEX_KEYED_MAPS:
             return sorted((self._ifname_key(key), value) for key, value in bpf_map.items())
@@ -783,7 +782,7 @@ class BpfDriver:
                 except OSError:
                     continue
                 with bpf_map:
-                    if bpf_map.info.type != libbpf.MAP_PERCPU_ARRAY:
+                    if bpf_map.info.type not in (libbpf.MAP_PERCPU_ARRAY, libbpf.MAP_PERCPU_HASH):
                         continue
                     fields = COUNTER_FIELDS.get(map_name)
                     maps[map_name] = _sum_percpu(bpf_map, fields)
@@ -945,12 +944,15 @@ class BpfDriver:
             with libbpf.Map.open(str(pdir.maps / map_name)) as bpf_map:
                 info = bpf_map.info
                 if info.type == libbpf.MAP_ARRAY:
-                    row = bpf_layout.row_length(map_name, program.cflags) or 1
-                    size = info.value_size * row
-                    values = bpf_map.array_values()
+                    size = info.value_size
+                    values = bpf_map.array_values() if len(entries) > 64 else None
                     for entry in entries:
-                        first = struct.unpack("<I", bytes.fromhex(entry.key_hex))[0] * info.value_size
-                        value = values[first : first + size]
+                        raw_key = bytes.fromhex(entry.key_hex)
+                        if values is None:
+                            value = bpf_map.lookup(raw_key) or bytes(size)
+                        else:
+                            first = struct.unpack("<I", raw_key)[0] * size
+                            value = values[first : first + size]
                         found[entry.key] = (None if value == bytes(size) else
                                             BpfMapEntry(program.name, map_name, entry.key_hex, value.hex()))
                     continue
@@ -1086,28 +1088,33 @@ class BpfDriver:
             if program.source and entry.map not in config:
                 raise InternalError(f"{entry.map} is not a configuration map of bpf/{program.source}")
             by_map.setdefault(entry.map, []).append((old, new))
+        # What an entry refers to is there before it and goes after it (bpf_layout.WRITE_ORDER): a new
+        # backend before the Maglev chunk naming it, a chunk before its service; removals the other way.
+        order = sorted(by_map, key=lambda m: (bpf_layout.WRITE_ORDER.get(m, 1), m))
+        phases = [(m, [i for i in by_map[m] if i[1] is not None]) for m in order]
+        phases += [(m, [i for i in by_map[m] if i[1] is None]) for m in reversed(order)]
         count = 0
-        for map_name, items in sorted(by_map.items()):
-            path = pdir.maps / map_name
-            try:
-                bpf_map = libbpf.Map.open(str(path))
-            except OSError as exc:
-                raise KernelError(f"program {program.name}: cannot open map {path}: {exc.strerror}") from exc
-            try:
-                count += self._write_map(program, bpf_map, items, journal)
-            except BaseException:
-                bpf_map.close()
-                raise
-            # The journal's undo closures use the fd: it stays open until the apply is over.
-            self._open_maps.append(bpf_map)
+        opened: dict[str, libbpf.Map] = {}
+        for map_name, items in phases:
+            if not items:
+                continue
+            bpf_map = opened.get(map_name)
+            if bpf_map is None:
+                path = pdir.maps / map_name
+                try:
+                    bpf_map = opened[map_name] = libbpf.Map.open(str(path))
+                except OSError as exc:
+                    raise KernelError(f"program {program.name}: cannot open map {path}: {exc.strerror}") from exc
+                # The journal's undo closures use the fd: it stays open until the apply is over.
+                self._open_maps.append(bpf_map)
+            count += self._write_map(program, bpf_map, items, journal)
         return count
 
     def _write_map(self, program: BpfProgram, bpf_map: libbpf.Map,
                    items: list[tuple[BpfMapEntry | None, BpfMapEntry | None]], journal: _Journal) -> int:
         info = bpf_map.info
         where = f"map {program.name}/{info.name}"
-        row = bpf_layout.row_length(info.name, program.cflags) if info.type == libbpf.MAP_ARRAY else None
-        value_size = info.value_size * (row or 1)
+        value_size = info.value_size
 
         def raw(entry: BpfMapEntry) -> tuple[bytes, bytes]:
             key, value = bytes.fromhex(entry.key_hex), bytes.fromhex(entry.value_hex)
@@ -1119,11 +1126,6 @@ class BpfDriver:
             return key, value
 
         try:
-            if row:
-                forward, backward = _row_writes(items, raw, row, info.value_size)
-                bpf_map.update_many(forward)
-                journal.did(f"{where}: {len(forward)} slots", lambda: bpf_map.update_many(backward))
-                return len(forward)
             if info.type == libbpf.MAP_ARRAY:
                 zero = bytes(info.value_size)
                 forward = []
@@ -1146,11 +1148,12 @@ class BpfDriver:
                 deletes = [raw(old)[0] for old, new in items if new is None and old is not None]
                 if info.type == libbpf.MAP_HASH:
                     bpf_map.update_many(updates)
+                    bpf_map.delete_many(deletes)
                 else:
                     for key, value in updates:
                         bpf_map.update(key, value)
-                for key in deletes:
-                    bpf_map.delete(key)
+                    for key in deletes:
+                        bpf_map.delete(key)
                 restore = [raw(old) for old, _ in items if old is not None]
                 drop = [raw(new)[0] for old, new in items if old is None and new is not None]
 
@@ -1711,38 +1714,8 @@ def libbpf_prog_fd_by_id(prog_id: int) -> int:
     return int(rc)
 
 
-def _row_writes(items: list[tuple[BpfMapEntry | None, BpfMapEntry | None]],
-                raw: Callable[[BpfMapEntry], tuple[bytes, bytes]], row: int,
-                slot_size: int) -> tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]]:
-    """(writes, their undo) for row entries: only the slots whose value differs (a weight change moves
-    a few hundred of a row's tens of thousands)."""
-    if slot_size != 4:
-        raise InternalError(f"row maps hold u32 slots, not {slot_size}-byte values")
-    zero = bytes(4 * row)
-    forward: list[tuple[bytes, bytes]] = []
-    backward: list[tuple[bytes, bytes]] = []
-    pack = struct.Struct("<I").pack
-    for old, new in items:
-        entry = new or old
-        assert entry is not None
-        key, _ = raw(entry)
-        first = struct.unpack("<I", key)[0]
-        before = raw(old)[1] if old else zero
-        after = raw(new)[1] if new else zero
-        was, now = array("I", before), array("I", after)
-        for slot in compress(range(row), map(ne, was, now)):
-            forward.append((pack(first + slot), pack(now[slot])))
-            backward.append((pack(first + slot), pack(was[slot])))
-    return forward, backward
-
-
-def _nonzero_array_entries(values: bytes, size: int, slot_size: int | None = None) -> list[tuple[bytes, bytes]]:
-    """(u32 key, value) of every array slot whose value is not all zeros; zero runs are skipped at C speed.
-    With `slot_size`, `size` is a row of slots and the key is the row's first slot."""
-    if slot_size is not None:
-        zero_row = bytes(size)
-        return [(struct.pack("<I", start // slot_size), values[start : start + size])
-                for start in range(0, len(values) - size + 1, size) if values[start : start + size] != zero_row]
+def _nonzero_array_entries(values: bytes, size: int) -> list[tuple[bytes, bytes]]:
+    """(u32 key, value) of every array slot whose value is not all zeros; zero runs are skipped at C speed."""
     result = []
     block = size * 256
     zero_block = bytes(block)
@@ -1760,18 +1733,23 @@ def _nonzero_array_entries(values: bytes, size: int, slot_size: int | None = Non
 
 
 def _sum_percpu(bpf_map: libbpf.Map, fields: tuple[str, ...] | None) -> dict[int, dict[str, int] | list[int]]:
-    values = bpf_map.array_values()
+    """{index: totals over CPUs} of a per-CPU array (index), or hash (its u32 key), non-zero only."""
     slot, ncpus, size = bpf_map.slot_size, bpf_map.ncpus, bpf_map.read_size
     words = bpf_map.info.value_size // 8
+    if bpf_map.info.type == libbpf.MAP_PERCPU_ARRAY:
+        values = bpf_map.array_values()
+        pairs: Iterable[tuple[int, bytes]] = (
+            (index, values[index * size : (index + 1) * size]) for index in range(bpf_map.info.max_entries))
+    else:
+        pairs = ((int.from_bytes(key, "little"), value) for key, value in bpf_map.items())
     result: dict[int, Any] = {}
     fmt = struct.Struct(f"={words}Q")
-    for index in range(bpf_map.info.max_entries):
-        base = index * size
-        if not any(values[base : base + size]):
+    for index, value in pairs:
+        if not any(value):
             continue
         totals = [0] * words
         for cpu in range(ncpus):
-            for i, v in enumerate(fmt.unpack_from(values, base + cpu * slot)):
+            for i, v in enumerate(fmt.unpack_from(value, cpu * slot)):
                 totals[i] += v
         result[index] = dict(zip(fields, totals, strict=False)) if fields else totals
     return result

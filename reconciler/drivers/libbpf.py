@@ -41,6 +41,9 @@ LINK_TYPE_NETNS = 5
 BPF_F_REPLACE = 1 << 2  # bpf_link_update: only if the link still runs old_prog_fd
 BPF_F_MMAPABLE = 1 << 10  # map_flags: an array userspace may mmap
 ENOTSUPP = 524  # kernel-internal "operation not supported" (batch ops on LPM tries)
+# Batch writes are cut in chunks of at most this many entries and about this many bytes.
+BATCH_ENTRIES = 16384
+BATCH_BYTES = 4 << 20
 
 _lib: ctypes.CDLL | None = None
 
@@ -256,7 +259,8 @@ class Map:
 
     def _items_batched(self, chunk: int = 65536) -> Iterator[tuple[bytes, bytes]]:
         ksize, vsize = self.info.key_size, self.read_size
-        count_max = max(1, min(chunk, self.info.max_entries))
+        # buffers of a few MB whatever the map's limit (maglev: 1 KiB values, 100,000s of entries allowed)
+        count_max = max(1, min(chunk, self.info.max_entries, BATCH_BYTES // (ksize + vsize)))
         keys = ctypes.create_string_buffer(ksize * count_max)
         values = ctypes.create_string_buffer(vsize * count_max)
         # The batch token is opaque (a bucket index for hashes, a key for arrays).
@@ -356,21 +360,48 @@ class Map:
         return True
 
     def update_many(self, pairs: list[tuple[bytes, bytes]]) -> None:
-        """Writes all pairs, in one batch call where the map type allows it."""
+        """Writes all pairs, in batch calls where the map type allows it: chunks of at most BATCH_ENTRIES
+        entries and about BATCH_BYTES of keys and values (the kernel copies a batch in one go; 10,000
+        services make 100,000 backends and 10 MB of Maglev chunks)."""
         if not pairs:
             return
         if self.info.type in (MAP_ARRAY, MAP_HASH) and len(pairs) > 1:
-            keys = b"".join(k for k, _ in pairs)
-            values = b"".join(v for _, v in pairs)
-            count = ctypes.c_uint32(len(pairs))
-            rc = lib().bpf_map_update_batch(self.fd, keys, values, ctypes.byref(count), None)
-            if rc >= 0:
+            step = max(1, min(BATCH_ENTRIES, BATCH_BYTES // (self.info.key_size + self.info.value_size)))
+            for start in range(0, len(pairs), step):
+                chunk = pairs[start : start + step]
+                keys = b"".join(k for k, _ in chunk)
+                values = b"".join(v for _, v in chunk)
+                count = ctypes.c_uint32(len(chunk))
+                rc = lib().bpf_map_update_batch(self.fd, keys, values, ctypes.byref(count), None)
+                if rc >= 0:
+                    continue
+                if -rc not in (errno.EINVAL, errno.ENOTSUP, ENOTSUPP):
+                    _check(rc, f"batch update in map {self.info.name}")
+                for key, value in pairs[start + count.value :]:
+                    self.update(key, value)
                 return
-            if -rc not in (errno.EINVAL, errno.ENOTSUP, ENOTSUPP):
-                _check(rc, f"batch update in map {self.info.name}")
-            pairs = pairs[count.value :]
+            return
         for key, value in pairs:
             self.update(key, value)
+
+    def delete_many(self, keys: list[bytes]) -> None:
+        """Deletes every key (present or not), in batch calls for hashes."""
+        if self.info.type != MAP_HASH or len(keys) < 2:
+            for key in keys:
+                self.delete(key)
+            return
+        step = max(1, min(BATCH_ENTRIES, BATCH_BYTES // self.info.key_size))
+        for start in range(0, len(keys), step):
+            chunk = keys[start : start + step]
+            count = ctypes.c_uint32(len(chunk))
+            rc = lib().bpf_map_delete_batch(self.fd, b"".join(chunk), ctypes.byref(count), None)
+            if rc >= 0:
+                continue
+            # a key that is not there stops the batch (ENOENT): the rest one by one
+            if -rc not in (errno.ENOENT, errno.EINVAL, errno.ENOTSUP, ENOTSUPP):
+                _check(rc, f"batch delete in map {self.info.name}")
+            for key in chunk[count.value :]:
+                self.delete(key)
 
 
 class _NoBatch(Exception):

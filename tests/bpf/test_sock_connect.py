@@ -20,7 +20,7 @@ TCP = 6
 LB_RANDOM, LB_AFFINITY = 0, 1
 ICPT_REDIRECT = 1
 MAGLEV_SIZE = 11
-CFLAGS = [f"-DKF_MAGLEV_SIZE={MAGLEV_SIZE}", "-DKF_MAX_SERVICES=4", "-DKF_MAX_BACKENDS=8"]
+CFLAGS = ["-DKF_MAX_SERVICES=4", "-DKF_MAX_BACKENDS=8"]
 SO_ORIGINAL_DST = 80
 NOBODY = 65534
 
@@ -49,11 +49,20 @@ def add_service(bpf: Any, kf: Any, vip: str, port: int, svc_id: int, backends: l
     kf.set_addr(key.vip, vip)
     key.port, key.proto = port, TCP
     leaf = services.Leaf()
-    leaf.id, leaf.backend_count, leaf.algorithm = svc_id, len(backends), algorithm
+    leaf.id, leaf.backend_count, leaf.algorithm, leaf.maglev_size = svc_id, len(backends), algorithm, MAGLEV_SIZE
     services[key] = leaf
+    write_maglev(bpf, svc_id, [backends[slot % len(backends)] + 1 for slot in range(MAGLEV_SIZE)])
+
+
+def write_maglev(bpf: Any, svc_id: int, slots: list[int]) -> None:
+    """A service's Maglev table, one chunk of up to 256 slots: maglev[{id, 0}] (bpf/lib/kf_types.h)."""
     maglev = bpf[b"maglev"]
-    for slot in range(MAGLEV_SIZE):
-        maglev[maglev.Key(svc_id * MAGLEV_SIZE + slot)] = maglev.Leaf(backends[slot % len(backends)] + 1)
+    key = maglev.Key()
+    key.id, key.chunk = svc_id, 0
+    leaf = maglev.Leaf()
+    for i, value in enumerate(slots):
+        leaf.slot[i] = value
+    maglev[key] = leaf
 
 
 def set_backend(bpf: Any, kf: Any, idx: int, addr: str, port: int) -> None:
@@ -199,11 +208,9 @@ def test_sendmsg4_balances_datagrams_and_recvmsg4_restores_the_vip(
         kf.set_addr(key.vip, "10.96.0.53")
         key.port, key.proto = 53, UDP
         leaf = services.Leaf()
-        leaf.id, leaf.backend_count = 2, 1
+        leaf.id, leaf.backend_count, leaf.maglev_size = 2, 1, MAGLEV_SIZE
         services[key] = leaf
-        maglev = bpf[b"maglev"]
-        for slot in range(MAGLEV_SIZE):
-            maglev[maglev.Key(2 * MAGLEV_SIZE + slot)] = maglev.Leaf(1)
+        write_maglev(bpf, 2, [1] * MAGLEV_SIZE)
         attached(bpf, "kf_sendmsg4", "CGROUP_SOCK_ADDR", "CGROUP_UDP4_SENDMSG")
         attached(bpf, "kf_recvmsg4", "CGROUP_SOCK_ADDR", "CGROUP_UDP4_RECVMSG")
 
@@ -233,11 +240,9 @@ def test_connect6_balances_v6_vip(kf: Any, netns: Any, cgroup: Any, attached: An
         kf.set_addr(key.vip, "fd00::96")
         key.port, key.proto = 443, TCP
         svc = services.Leaf()
-        svc.id, svc.backend_count = 3, 1
+        svc.id, svc.backend_count, svc.maglev_size = 3, 1, MAGLEV_SIZE
         services[key] = svc
-        maglev = bpf[b"maglev"]
-        for slot in range(MAGLEV_SIZE):
-            maglev[maglev.Key(3 * MAGLEV_SIZE + slot)] = maglev.Leaf(1)
+        write_maglev(bpf, 3, [1] * MAGLEV_SIZE)
         attached(bpf, "kf_connect6", "CGROUP_SOCK_ADDR", "CGROUP_INET6_CONNECT")
 
         def connect6(send: Callable[[Any], None]) -> None:

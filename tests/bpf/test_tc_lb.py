@@ -23,7 +23,6 @@ import fcntl
 import hashlib
 import ipaddress
 import json
-import mmap
 import selectors
 import socket
 import struct
@@ -44,7 +43,6 @@ LB_RANDOM, LB_AFFINITY = 0, 1
 MAGLEV_SIZE = 251
 MAX_SERVICES = 8
 CFLAGS = [
-    f"-DKF_MAGLEV_SIZE={MAGLEV_SIZE}",
     f"-DKF_MAX_SERVICES={MAX_SERVICES}",
     "-DKF_MAX_BACKENDS=16",
     "-DKF_LB_FLOWS=4096",
@@ -113,14 +111,25 @@ def add_service(bpf: Any, kf: Any, svc: Service, first_backend: int) -> list[int
     key.port, key.proto = svc.port, svc.proto
     leaf = services.Leaf()
     leaf.id, leaf.backend_count, leaf.algorithm = svc.id, len(svc.weights), svc.algorithm
+    leaf.maglev_size = MAGLEV_SIZE if svc.weights else 0
     services[key] = leaf
     if not svc.weights:
         return []
     table = maglev_table(NAMES, svc.weights, MAGLEV_SIZE)
-    maglev = bpf[b"maglev"]
-    for slot, backend in enumerate(table):
-        maglev[maglev.Key(svc.id * MAGLEV_SIZE + slot)] = maglev.Leaf(first_backend + backend + 1)
+    write_maglev(bpf, svc.id, [first_backend + backend + 1 for backend in table])
     return [table.count(i) for i in range(len(NAMES))]
+
+
+def write_maglev(bpf: Any, svc_id: int, slots: list[int]) -> None:
+    """The service's Maglev table as chunks of 256 slots: maglev[{id, chunk}] (bpf/lib/kf_types.h)."""
+    maglev = bpf[b"maglev"]
+    for chunk in range(0, len(slots), 256):
+        key = maglev.Key()
+        key.id, key.chunk = svc_id, chunk // 256
+        leaf = maglev.Leaf()
+        for i, value in enumerate(slots[chunk : chunk + 256]):
+            leaf.slot[i] = value
+        maglev[key] = leaf
 
 
 def fill_maps(bpf: Any, kf: Any) -> dict[int, list[int]]:
@@ -136,7 +145,8 @@ def fill_maps(bpf: Any, kf: Any) -> dict[int, list[int]]:
 
 
 def lb_counter(bpf: Any, svc: Service) -> dict[str, int]:
-    per_cpu = bpf[b"lb_counters"][bpf[b"lb_counters"].Key(svc.id)]
+    # a per-CPU hash: a service's entry appears with its first packet
+    per_cpu = bpf[b"lb_counters"].get(bpf[b"lb_counters"].Key(svc.id)) or []
     return {f: sum(getattr(c, f) for c in per_cpu) for f in ("new_flows", "packets", "bytes", "dropped")}
 
 
@@ -559,16 +569,17 @@ def test_map_layouts(kf: Any) -> None:
         ("dropped", 24, 8),
     ]
     assert [ctypes.sizeof(bpf[n].Key) for n in (b"services_v4", b"services_v6")] == [8, 20]
-    assert [ctypes.sizeof(bpf[n].Leaf) for n in (b"services_v4", b"backends_v4", b"backends_v6")] == [8, 8, 20]
-
-    # The kernel rounds array elements up to 8 bytes: a u32 slot is at index * 8 in the mmap.
-    maglev = bpf[b"maglev"]
-    maglev[maglev.Key(7)] = maglev.Leaf(3)
-    maglev[maglev.Key(MAX_SERVICES * MAGLEV_SIZE - 1)] = maglev.Leaf(9)
-    size = MAX_SERVICES * MAGLEV_SIZE * 8
-    with mmap.mmap(kf.table_fd(bpf, "maglev"), size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
-        assert struct.unpack_from("=I", m, 7 * 8)[0] == 3
-        assert struct.unpack_from("=I", m, size - 8)[0] == 9
+    assert [ctypes.sizeof(bpf[n].Leaf) for n in (b"services_v4", b"backends_v4", b"backends_v6")] == [12, 8, 20]
+    assert layout(bpf[b"services_v4"].Leaf) == [
+        ("id", 0, 4),
+        ("backend_count", 4, 2),
+        ("algorithm", 6, 1),
+        ("flags", 7, 1),
+        ("maglev_size", 8, 4),
+    ]
+    # maglev: {u32 id, u32 chunk} -> 256 u32 slots
+    assert layout(bpf[b"maglev"].Key) == [("id", 0, 4), ("chunk", 4, 4)]
+    assert ctypes.sizeof(bpf[b"maglev"].Leaf) == 1024
 
 
 @pytest.mark.parametrize("offload", ["partial", "complete"])

@@ -47,7 +47,8 @@ def test_adding_a_cidr_is_a_map_update_only() -> None:
 def test_program_settings_come_from_the_compiler() -> None:
     desired = compiled(FILTER.format(sources="192.0.2.0/24"))
     (program,) = [o for o in desired.objects if isinstance(o, BpfProgram)]
-    assert program.source == "tc_filter.c" and "-DKF_MAX_RULES=64" in program.cflags
+    # the limits of spec.ebpf.limits, never a size of the intent
+    assert program.source == "tc_filter.c" and program.cflags == ("-DKF_MAX_RULES=256", "-DKF_MAX_PREFIXES=1048576")
     assert program.attachments == (("kf_tc_ingress", "tc:eth0:ingress"),)
 
 
