@@ -213,10 +213,13 @@ class NftChain:
         return ObjectKey(self.kind, self.name)
 
     def declaration(self) -> str:
+        """The part between the braces of `add chain`; empty for a regular chain (no hook)."""
+        if not self.hook:
+            return ""
         return f"type {self.type} hook {self.hook} priority {self.priority}; policy {self.policy};"
 
     def describe(self) -> str:
-        return f"chain {self.name} {{ {self.declaration()} }}"
+        return f"chain {self.name} {{ {self.declaration()} }}" if self.hook else f"chain {self.name}"
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,7 @@ class _Builder:
     rule_counts: dict[str, int] = field(default_factory=dict)
     chains_used: set[str] = field(default_factory=set)
     chain_policy: dict[str, str] = field(default_factory=dict)
+    regular: list[NftChain] = field(default_factory=list)
 
     def cidr_set(self, name: str, family: int, cidrs: list[str], origin: str) -> str:
         decl = f"type {_FAMILY[family][1]}; flags interval;"
@@ -112,13 +113,17 @@ class _Builder:
             NftRule(self.table, chain, rule_id, index, digest(text), text, tuple(sets), origin)
         )
 
+    def regular_chain(self, name: str, origin: str) -> None:
+        """A chain without a hook, reached only by a jump or goto (a service's chain)."""
+        self.regular.append(shared(NftChain, self.table, name, "", "", 0, "accept", origin))
+
     def chains(self) -> list[NftChain]:
         result = []
         for name, (ctype, hook, prio) in CHAINS.items():
             if name in self.chains_used or name in self.chain_policy:
                 policy = self.chain_policy.get(name, "accept")
                 result.append(NftChain(self.table, name, ctype, hook, prio, policy, origin=f"chain {name}"))
-        return result
+        return result + self.regular
 
 
 def compile_intent(intent: NetworkIntent) -> DesiredState:
@@ -288,10 +293,35 @@ def port_set_ids(ids: Sequence[int | str]) -> str:
 
 
 # --------------------------------------------------------------- load balancing
+# kube-proxy's nftables design: one verdict map per family from VIP . protocol . port to the service's
+# own chain, so a new connection costs one hash lookup whatever the number of services (a rule per
+# service would be walked in order: the iptables-mode cliff), and adding or removing a service touches
+# its own chain, map and counter and one element of the verdict map, never another service's rules.
+SERVICE_MAPS = {4: "lb_services4", 6: "lb_services6"}
+
+
 def _load_balancing(intent: NetworkIntent, b: _Builder) -> None:
-    interfaces = intent.spec.load_balancing.interfaces
-    for service in intent.spec.load_balancing.services:
-        _service(service, b, interfaces)
+    section = intent.spec.load_balancing
+    by_family: dict[int, list[Service]] = {}
+    for service in section.services:
+        by_family.setdefault(ipaddress.ip_address(service.vip).version, []).append(service)
+    iif = f"iifname {_names(section.interfaces)} " if section.interfaces else ""
+    for family, services in sorted(by_family.items()):
+        l3, address_type, _ = _FAMILY[family]
+        vmap = SERVICE_MAPS[family]
+        decl = f"type {address_type} . inet_proto . inet_service : verdict;"
+        b.objects.append(NftSet(b.table, vmap, digest(decl), True, decl, "loadBalancing"))
+        b.objects += [shared(NftElement, b.table, vmap, f"{s.vip} . {s.protocol} . {s.port}",
+                             f"goto {service_chain(s)}", f"loadBalancing/{s.name}") for s in services]
+        dispatch = f"{l3} daddr . meta l4proto . th dport vmap @{vmap}"
+        b.rule("lb_pre", f"services{family}", iif + dispatch, "loadBalancing", [vmap])
+        b.rule("lb_out", f"services{family}", dispatch, "loadBalancing", [vmap])
+    for service in section.services:
+        _service(service, b)
+
+
+def service_chain(service: Service) -> str:
+    return f"lbs_{service.name}"
 
 
 WEIGHT_SLOTS = 1 << 24
@@ -350,7 +380,8 @@ def weighted_slots(weights: Sequence[int]) -> list[int]:
     return slots
 
 
-def _service(service: Service, b: _Builder, interfaces: Sequence[str] = ()) -> None:
+def _service(service: Service, b: _Builder) -> None:
+    """A service's chain (reached from the verdict map), its backend map and its counter."""
     origin = f"loadBalancing/{service.name}"
     family = ipaddress.ip_address(service.vip).version
     l3 = _FAMILY[family][0]
@@ -364,13 +395,10 @@ def _service(service: Service, b: _Builder, interfaces: Sequence[str] = ()) -> N
     b.objects.append(NftSet(b.table, map_name, digest(decl), True, decl, origin))
     b.objects += [shared(NftElement, b.table, map_name, key, value, origin) for key, value in elements]
     counter = b.counter(f"lb_{service.name}", origin)
-    text = (
-        f"{l3} daddr {service.vip} {service.protocol} dport {service.port} {counter} "
-        f"dnat {l3} to {expression} map @{map_name}"
-    )
-    iif = f"iifname {_names(interfaces)} " if interfaces else ""
-    b.rule("lb_pre", service.name, iif + text, origin, [map_name])
-    b.rule("lb_out", service.name, text, origin, [map_name])
+    # The protocol match gives the port mapping its transport context (the verdict map matched it already).
+    text = f"meta l4proto {service.protocol} {counter} dnat {l3} to {expression} map @{map_name}"
+    b.regular_chain(service_chain(service), origin)
+    b.rule(service_chain(service), service.name, text, origin, [map_name])
 
 
 # -------------------------------------------------------------------- filtering

@@ -175,7 +175,7 @@ class NftDriver:
                 return observation
             raise KernelError(f"nft: cannot list table {table}")
         items = [item for item in json.loads(output)["nftables"] if "metainfo" not in item]
-        observation = _parse_table(table, items, generation)
+        observation = _parse_table(table, items, generation, self._contents)
         self._known = observation
         return observation
 
@@ -233,36 +233,48 @@ class NftDriver:
                 self._known = observed.with_elements(_held_actions(observed, element_sets, held, index), generation)
             self.operations += sent
             return sent
-        commands = build_batch(actions, desired, observed, self._contents)
+        written: list[NftRule] = []
+        commands = build_batch(actions, desired, observed, self._contents, written)
         if not commands:
             return 0
         self._transaction(commands)
-        return len(commands) + self._record_contents(observed.table, desired)
+        return len(commands) + self._record_contents(observed.table, desired, written)
 
-    def _record_contents(self, table: str, desired: Sequence[KernelObject]) -> int:
-        """Give every rule of `table` written without the digest of its content (a text this driver has
-        not seen the kernel's reading of yet) that digest: learn it from the table as listed right after
-        our own transaction, then rewrite the chains of those rules with it, in one more transaction."""
-        rules = [o for o in desired if isinstance(o, NftRule) and o.table == table]
-        if all(r.digest in self._contents for r in rules):
+    def _record_contents(self, table: str, desired: Sequence[KernelObject], written: Sequence[NftRule]) -> int:
+        """Give the rules just `written` without the digest of their content (texts this driver has not seen
+        the kernel's reading of yet) that digest: learn it from their chains as listed right after our own
+        transaction, then rewrite those chains (only those) with it, in one more transaction."""
+        unknown = {r.digest for r in written if r.digest not in self._contents}
+        if not unknown:
             return 0
+        chains = sorted({r.chain for r in written if r.digest in unknown})
         generation = self.raw.generation()
-        rc, output, _ = self._nft.cmd(f"list table {NFT_FAMILY} {table}")
-        if rc != 0 or self.raw.generation() != generation:
+        # A listing costs libnftables' cache fill whatever its scope: a chain or two, else the table once.
+        listings = [f"list chain {NFT_FAMILY} {table} {c}" for c in chains] if len(chains) <= 2 else [
+            f"list table {NFT_FAMILY} {table}"]
+        items: list[Any] = []
+        for listing in listings:
+            rc, output, _ = self._nft.cmd(listing)
+            if rc != 0:
+                return 0
+            items += json.loads(output)["nftables"]
+        if self.raw.generation() != generation:
             return 0  # someone else committed meanwhile: the rules stay unrecorded, the next pass rewrites them
-        wanted = {r.digest for r in rules}
-        for item in json.loads(output)["nftables"]:
+        for item in items:
             body = item.get("rule")
             if not isinstance(body, dict):
                 continue
             rule_id, _, recorded = _comment_digest(body).rpartition(":")
             digest = recorded.partition(".")[0]
-            if rule_id and digest in wanted:
+            if rule_id and digest in unknown:
                 self._contents.setdefault(digest, content_digest(body.get("expr")))
-        chains = sorted({r.chain for r in rules if r.digest in self._contents})
+        chains = [c for c in chains if any(r.chain == c and r.digest in self._contents for r in written)]
+        if not chains:
+            return 0
+        rules = sorted((o for o in desired if isinstance(o, NftRule) and o.table == table and o.chain in chains),
+                       key=lambda r: (r.chain, r.index))
         commands = [f"flush chain {NFT_FAMILY} {table} {c}" for c in chains]
-        commands += [rule_command(r, self._contents) for r in sorted(rules, key=lambda r: (r.chain, r.index))
-                     if r.chain in chains]
+        commands += [rule_command(r, self._contents) for r in rules]
         self._transaction(commands)
         return len(commands)
 
@@ -340,10 +352,16 @@ def element_text(value: Any) -> str:
             return " . ".join(element_text(v) for v in value["concat"])
         if "elem" in value:
             return element_text(value["elem"]["val"])
+        for verdict in ("goto", "jump"):
+            if verdict in value:
+                return f"{verdict} {value[verdict]['target']}"
     return str(value)
 
 
-def _parse_table(table: str, items: list[dict[str, Any]], generation: int | None = None) -> NftObservation:
+def _parse_table(table: str, items: list[dict[str, Any]], generation: int | None = None,
+                 learned: dict[str, str] | None = None) -> NftObservation:
+    """The observation of `table` from its JSON listing; `learned` gains the content digest of every rule
+    the kernel holds as its comment records (so a fresh process writes those texts with it at once)."""
     objects: list[KernelObject] = []
     counters: dict[str, tuple[int, int]] = {}
     rule_positions: dict[str, int] = {}
@@ -380,6 +398,8 @@ def _parse_table(table: str, items: list[dict[str, Any]], generation: int | None
                 # What the rule does is not what kernform wrote under this comment (edited by hand, or
                 # its content never recorded): a digest no desired rule has, so the plan rewrites it.
                 rule_digest += ".changed"
+            elif learned is not None:
+                learned.setdefault(rule_digest, content)
             objects.append(NftRule(table, chain, rule_id, index, rule_digest))
     return NftObservation(table, tuple(objects), tuple(items), counters, generation)
 
@@ -472,7 +492,7 @@ def rule_command(rule: NftRule, contents: Mapping[str, str] | None = None) -> st
 
 
 def build_batch(actions: Sequence[Action], desired: Iterable[KernelObject], observed: NftObservation,
-                contents: Mapping[str, str] | None = None) -> list[str]:
+                contents: Mapping[str, str] | None = None, written: list[NftRule] | None = None) -> list[str]:
     """The text commands of one transaction that carries out `actions` (see the module docstring).
 
     Rules are never edited in place: a chain with any rule change is flushed and
@@ -506,11 +526,12 @@ def build_batch(actions: Sequence[Action], desired: Iterable[KernelObject], obse
     rewrite |= chains_replaced
     existing_chains = {o.name for o in observed.objects if isinstance(o, NftChain)}
     if sets_dropped:
-        # A set cannot be deleted while a rule refers to it: refill every chain.
-        rewrite |= existing_chains
+        # A set cannot be deleted while a rule refers to it: refill the chains of the rules that do. A
+        # rule left alone is the kernel's copy of the desired one (same comment, same content), so the
+        # desired rule says which sets it uses; every other rule is being rewritten anyway.
+        rewrite |= {o.chain for o in desired_list if isinstance(o, NftRule) and sets_dropped.intersection(o.sets)}
     flush = sorted((rewrite | chains_removed) & existing_chains)
     commands += [f"flush chain {NFT_FAMILY} {table} {c}" for c in flush]
-    commands += [f"delete chain {NFT_FAMILY} {table} {c}" for c in sorted(chains_replaced | chains_removed)]
 
     stale: dict[str, list[NftElement]] = {}
     for action in acted(NftElement.kind, "remove", "change"):
@@ -520,11 +541,19 @@ def build_batch(actions: Sequence[Action], desired: Iterable[KernelObject], obse
             stale.setdefault(element.set, []).append(element)
     for set_name, elements in sorted(stale.items()):
         commands += _element_commands("delete", table, set_name, elements)
+    # After the elements: a chain cannot be deleted while a verdict map element jumps to it.
+    commands += [f"delete chain {NFT_FAMILY} {table} {c}" for c in sorted(chains_replaced | chains_removed)]
     for action in acted(NftSet.kind, "change", "remove"):
         old = action.old
         assert isinstance(old, NftSet)
         commands.append(f"delete {'map' if old.is_map else 'set'} {NFT_FAMILY} {table} {old.name}")
 
+    # Chains before the elements: a verdict map element names the chain it jumps to.
+    for action in acted(NftChain.kind, "add", "change"):
+        chain = action.new
+        assert isinstance(chain, NftChain)
+        declaration = chain.declaration()
+        commands.append(f"add chain {NFT_FAMILY} {table} {chain.name}" + (f" {{ {declaration} }}" if declaration else ""))
     new_sets = {a.key.name: a.new for a in acted(NftSet.kind, "add", "change")}
     commands += [_set_command(s, table) for s in new_sets.values() if isinstance(s, NftSet)]
     fresh: dict[str, list[NftElement]] = {}
@@ -540,12 +569,10 @@ def build_batch(actions: Sequence[Action], desired: Iterable[KernelObject], obse
     for set_name, elements in sorted(fresh.items()):
         commands += _element_commands("add", table, set_name, elements)
 
-    for action in acted(NftChain.kind, "add", "change"):
-        chain = action.new
-        assert isinstance(chain, NftChain)
-        commands.append(f"add chain {NFT_FAMILY} {table} {chain.name} {{ {chain.declaration()} }}")
     rules = sorted((o for o in desired_list if isinstance(o, NftRule) and o.chain in rewrite),
                    key=lambda r: (r.chain, r.index))
     commands += [rule_command(r, contents) for r in rules]
+    if written is not None:
+        written += rules
     commands += [f"delete counter {NFT_FAMILY} {table} {a.key.name}" for a in acted(NftCounter.kind, "remove")]
     return commands

@@ -244,8 +244,11 @@ def test_a_kubernetes_configmap_symlink_swap_is_seen(daemon: Watch, gw: Target) 
 
 def test_an_invalid_save_keeps_the_state_and_the_next_valid_one_is_applied(daemon: Watch, gw: Target) -> None:
     good = intent("203.0.113.0/24", "192.0.2.200/32")
+    before = daemon.mark()
     save(daemon.file, good)
     wait_until(lambda: in_sync(gw, good), what="the valid version")
+    # The kernel holds it a moment before the daemon logs it: wait for that line, or it lands after `start`.
+    daemon.wait_log(lambda x: x.get("pass_result") == "applied", before, what="the valid version's pass")
     start = daemon.mark()
     bad = good.replace("priority: 1150", "priority: high")
     save(daemon.file, bad)
