@@ -1,9 +1,12 @@
 """The `kernform` command line: validate, compile, plan, apply, destroy, status, watch, sandbox, demo.
 
-Exit status: 0 success; 1 error (an invalid file, a kernel failure); with
-`plan --detailed-exitcode`, 2 when changes are pending (as Terraform does).
-Errors are printed as FILE:LINE:COL: message (intent problems) or one line
-saying what failed and what was kept.
+Exit status: 0 success (with `plan --detailed-exitcode`: no changes); 1 error
+(an invalid file, a kernel failure, a stale saved plan); 2 changes pending, only
+with `plan --detailed-exitcode` (as Terraform does); 64 a usage error (an unknown
+option, a missing argument: sysexits' EX_USAGE); 130 interrupted (Ctrl-C); 141
+stdout closed early (`kernform plan --json | head`). Errors are printed as
+FILE:LINE:COL: message (intent problems) or one line saying what failed and what
+was kept; never a traceback for any of these.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from compiler import BACKENDS, BackendUnavailable, compile_intent
 from compiler.allocation import assign_slots
@@ -28,6 +31,9 @@ from compiler.errors import ApplyError, IntentError, KernformError
 from compiler.loader import STDIN, LoadedIntent, collect_inputs, load_inputs
 from compiler.objects import DesiredState, count_by_kind
 from compiler.render import render
+
+from . import saved_plan
+from .version import __version__
 
 if TYPE_CHECKING:
     from compiler.management import Connection
@@ -181,6 +187,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         loaded, desired, slots = _checked(args, loaded, target)
         _refuse_applied_conflicts(target, loaded, desired, slots)
         plans = PlanSet(target.label, tuple(make_plan(target, wanted)[0] for wanted in desired))
+    if args.out:
+        _write_atomically(args.out, saved_plan.dumps(args.netns, args.backend, loaded,
+                                                     [p.to_dict() for p in plans.plans], __version__))
     if _one_plan_document(args, loaded):
         (plan,) = plans.plans
         if args.json:
@@ -191,9 +200,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(plans.to_json())
     else:
         sys.stdout.write(render_set_text(plans, colour=_colour(sys.stdout), full=args.full))
+    if args.out:
+        print(f"Saved the plan to {args.out}: `kernform apply {args.out}` applies exactly it, and refuses if the "
+              "files or the kernel changed since.", file=sys.stderr if args.json else sys.stdout)
     if args.detailed_exitcode and not plans.empty:
         return 2
     return 0
+
+
+def _write_atomically(path: str, text: str) -> None:
+    temporary = f"{path}.tmp{os.getpid()}"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(temporary, path)
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -203,7 +222,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from reconciler.observe import Target
     from reconciler.plan import render_text
 
-    loaded = load_inputs(args.files)
+    saved = _saved_plan(args)
+    loaded = saved.loaded() if saved is not None else load_inputs(args.files)
     several = len(loaded) > 1
     done: list[str] = []
     trials: list[str] = []
@@ -215,11 +235,16 @@ def cmd_apply(args: argparse.Namespace) -> int:
         _refuse_pending_checkpoints(args, loaded)
         if not args.force:
             _refuse_cutting_the_session(args, target, loaded)
+        if saved is not None:
+            for item, wanted in zip(loaded, desired, strict=True):
+                saved.check_plan(item.intent.metadata.name, make_plan(target, wanted)[0].to_dict(), target.label)
         # Intent by intent, in input order; each apply is atomic and verified on its own.
         for index, (item, wanted) in enumerate(zip(loaded, desired, strict=True)):
             name = item.intent.metadata.name
             try:
                 plan, observed = make_plan(target, wanted)
+                if saved is not None:  # again, under the lock, as it is applied
+                    saved.check_plan(name, plan.to_dict(), target.label)
                 if not args.quiet:
                     sys.stdout.write(render_text(plan, colour=_colour(sys.stdout), full=args.full))
                 if plan.empty:
@@ -258,6 +283,21 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if several:
         print(f"Applied {len(done)} intents on {target.label}: {', '.join(done)}.")
     return 0
+
+
+def _saved_plan(args: argparse.Namespace) -> saved_plan.SavedPlan | None:
+    """The saved plan `apply` was given (kernform.saved_plan), its target and backend taken as `args`' own;
+    None for intents."""
+    if len(args.files) != 1 or not saved_plan.is_saved_plan(args.files[0]):
+        return None
+    saved = saved_plan.load(args.files[0])
+    for option, given, planned in (("--netns", args.netns, saved.netns), ("--backend", args.backend, saved.backend)):
+        if given is not None and given != planned:
+            raise KernformError(f"{saved.path} was planned with {option} {planned or '(none)'}, not {given}: "
+                                "a saved plan is applied where and as it was made")
+    args.netns, args.backend = saved.netns, saved.backend
+    saved.check_inputs()
+    return saved
 
 
 def _record_claims(args: argparse.Namespace, item: LoadedIntent, wanted: DesiredState) -> None:
@@ -623,8 +663,21 @@ def _positive(text: str) -> float:
     return value
 
 
+EX_USAGE = 64
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors on their own exit status (EX_USAGE), apart from 2, which
+    `plan --detailed-exitcode` gives "changes pending"."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="kernform", description=__doc__.splitlines()[0] if __doc__ else None)
+    top = _Parser(prog="kernform", description=__doc__.splitlines()[0] if __doc__ else None)
+    top.add_argument("--version", action="version", version=f"kernform {__version__}")
     sub = top.add_subparsers(dest="command", required=True)
 
     def with_backend(p: argparse.ArgumentParser) -> None:
@@ -656,10 +709,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable plan (schemas/plan.schema.json)")
     p.add_argument("--detailed-exitcode", action="store_true", help="exit 0: no changes, 2: changes, 1: error")
     p.add_argument("--full", action="store_true", help="list every set element instead of a summary per set")
+    p.add_argument("--out", metavar="PLANFILE",
+                   help="also save the plan: `kernform apply PLANFILE` applies exactly it, or refuses")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("apply", help="make the kernel hold the intents, one by one in input order (each atomic, verified)")
-    with_inputs(p)
+    p = sub.add_parser("apply", help="make the kernel hold the intents, one by one in input order (each atomic, "
+                                     "verified); or apply exactly a plan saved with `plan --out`")
+    p.add_argument("files", nargs="+", metavar="INPUT", help=inputs_help + "; or one PLANFILE")
     with_backend(p)
     with_netns(p)
     p.add_argument("--quiet", "-q", action="store_true", help="do not print the plan")
@@ -733,6 +789,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="kf", help="namespace name prefix (default kf)")
     p.set_defaults(func=cmd_sandbox)
 
+    p = sub.add_parser("completion", help="print the shell completion script: "
+                                          "`source <(kernform completion bash)`")
+    p.add_argument("shell", choices=("bash", "zsh", "fish"))
+    p.set_defaults(func=cmd_completion)
+
     p = sub.add_parser("demo", help="lab up, apply an example, show real traffic, destroy, lab down")
     with_backend(p)
     p.add_argument("--prefix", default="kf")
@@ -741,11 +802,37 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def cmd_completion(args: argparse.Namespace) -> int:
+    import argcomplete
+
+    sys.stdout.write(argcomplete.shellcode(["kernform"], shell=args.shell))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    top = parser()
+    if "_ARGCOMPLETE" in os.environ:  # a completing shell is asking (see `kernform completion`)
+        import argcomplete
+
+        argcomplete.autocomplete(top)
+    try:
+        code = _run(top, argv)
+        sys.stdout.flush()  # here, not at exit: a write the pipe took only part of fails now, where it is caught
+        return code
+    except BrokenPipeError:
+        # The reader went away (`kernform plan --json | head`): say nothing more, and let the interpreter's
+        # final flush of stdout find /dev/null instead of the closed pipe.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+def _run(top: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    args = top.parse_args(argv)
     if getattr(args, "command", None) == "destroy" and not (args.files or args.intent):
+        top.print_usage(sys.stderr)
         print("kernform destroy: give INPUT or --intent NAME", file=sys.stderr)
-        return 1
+        return EX_USAGE
     from reconciler import collector
 
     # A one-shot command is one pass (reconciler.collector); the daemons hold the collector off per pass.
