@@ -492,9 +492,10 @@ def cmd_await_confirm(args: argparse.Namespace) -> int:
 
 
 def cmd_destroy(args: argparse.Namespace) -> int:
-    from reconciler.apply import destroy
+    from reconciler.apply import destroy, make_plan
     from reconciler.audit import Cause
     from reconciler.observe import Target
+    from reconciler.plan import render_text
 
     # The reverse of apply's order; intents named with --intent after those of the files.
     names = [item.intent.metadata.name for item in reversed(load_inputs(args.files))] if args.files else []
@@ -502,6 +503,17 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     done: list[str] = []
     with contextlib.ExitStack() as locks, Target(args.netns) as target:
         _lock_intents(locks, args, names, "destroy")
+        # What will go, shown and agreed to before anything does (as `terraform destroy`).
+        plans = {name: make_plan(target, DesiredState(intent=name, backend="none", objects=()))[0] for name in names}
+        doomed = [name for name in names if not plans[name].empty]
+        if doomed:
+            if not args.quiet:
+                for name in doomed:
+                    sys.stdout.write(render_text(plans[name], colour=_colour(sys.stdout), full=args.full))
+            if not args.yes and not _confirmed(
+                    f"Destroy {sum(len(plans[n].actions) for n in doomed)} objects of intent"
+                    f"{'s' if len(doomed) > 1 else ''} {', '.join(doomed)} on {target.label}?"):
+                return 1
         for index, name in enumerate(names):
             try:
                 result = destroy(target, name, cause=Cause("cli"))
@@ -517,6 +529,22 @@ def cmd_destroy(args: argparse.Namespace) -> int:
                 print(f"Destroy complete: {len(result.plan.actions)} objects of intent {name} removed from "
                       f"{target.label}.")
     return 0
+
+
+def _confirmed(question: str) -> bool:
+    """Ask on the terminal; anything but `yes` cancels. Without a terminal there is no one to ask: refuse."""
+    if not sys.stdin.isatty():
+        print("kernform destroy: not confirmed: stdin is not a terminal to ask on; add --yes to destroy "
+              "without asking. Nothing was changed.", file=sys.stderr)
+        return False
+    try:
+        answer = input(f"{question}\n  Only 'yes' will be accepted: ")
+    except EOFError:
+        answer = ""
+    if answer.strip() != "yes":
+        print("Destroy cancelled. Nothing was changed.", file=sys.stderr)
+        return False
+    return True
 
 
 def _counter_origin(name: str) -> str:
@@ -753,6 +781,10 @@ def parser() -> argparse.ArgumentParser:
     with_inputs(p, "*")
     p.add_argument("--intent", metavar="NAME", action="append",
                    help="an intent's metadata.name, instead of (or besides) files; may be repeated")
+    p.add_argument("--yes", "-y", action="store_true",
+                   help="do not ask (needed without a terminal): what the intents own is removed at once")
+    p.add_argument("--quiet", "-q", action="store_true", help="do not print what will be removed")
+    p.add_argument("--full", action="store_true", help="list every set element in what will be removed")
     with_netns(p)
     p.add_argument("--no-wait", action="store_true",
                    help="fail instead of waiting while another kernform run changes one of the intents")

@@ -72,7 +72,7 @@ def run(backend: str | None = None, prefix: str = "kf", keep: bool = False) -> i
             _check(again.returncode == 0, "a second plan finds nothing to change", failures)
             _show(f"status {EXAMPLE.name} --netns {m.gw_ns}", _kernform("status", example, *target, *backend_args))
             if not keep:
-                _show(f"destroy {EXAMPLE.name}", _kernform("destroy", example, *target))
+                _show(f"destroy {EXAMPLE.name}", _kernform("destroy", "--yes", example, *target))
                 leftovers = _kernform("status", *target)
                 _check("No kernform intents" in leftovers.stdout, "destroy leaves nothing of kernform's", failures)
     finally:

@@ -82,11 +82,11 @@ def test_overlapping_interception_of_an_applied_intent_is_refused(namespace: str
         assert kernform("validate", str(b)).returncode == 0
         assert kernform("apply", "-q", "--netns", NS, "--backend", "tproxy", str(c)).returncode == 0
         # Once the first is destroyed, its record goes with it and the second applies.
-        assert kernform("destroy", "--netns", NS, "--intent", first).returncode == 0
+        assert kernform("destroy", "--yes", "--netns", NS, "--intent", first).returncode == 0
         assert kernform("apply", "-q", "--netns", NS, "--backend", "tproxy", str(b)).returncode == 0
     finally:
         for name in (first, second, disjoint):
-            kernform("destroy", "--netns", NS, "--intent", name)
+            kernform("destroy", "--yes", "--netns", NS, "--intent", name)
 
 
 def test_one_explicit_cgroup_for_two_applied_ebpf_intents_is_refused(namespace: str, tmp_path: Path) -> None:
@@ -106,7 +106,7 @@ def test_one_explicit_cgroup_for_two_applied_ebpf_intents_is_refused(namespace: 
         assert kernel_state() == before
     finally:
         for name in (first, second):
-            kernform("destroy", "--netns", NS, "--intent", name)
+            kernform("destroy", "--yes", "--netns", NS, "--intent", name)
         from reconciler.drivers.bpf import cgroup2_root
 
         with __import__("contextlib").suppress(OSError):

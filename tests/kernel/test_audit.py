@@ -59,7 +59,7 @@ def audit(tmp_path: Path) -> Iterator[tuple[Path, socket.socket, dict[str, str]]
         yield tmp_path / "audit.jsonl", journal, env
     finally:
         journal.close()
-        subprocess.run([sys.executable, "-m", "kernform.cli", "destroy", "--netns", NS, "--intent", INTENT],
+        subprocess.run([sys.executable, "-m", "kernform.cli", "destroy", "--yes", "--netns", NS, "--intent", INTENT],
                        cwd=ROOT, capture_output=True, env=env)
         sh("ip", "netns", "del", NS, check=False)
 
@@ -119,7 +119,7 @@ def test_apply_destroy_and_a_failed_apply_are_recorded_with_who_what_and_the_res
     assert failed["intent_sha256"] == hashlib.sha256(BROKEN.encode()).hexdigest()
     assert journal_fields(journal)["PRIORITY"] == "4"
 
-    assert kernform(env, "destroy", "--netns", NS, "--intent", INTENT).returncode == 0
+    assert kernform(env, "destroy", "--yes", "--netns", NS, "--intent", INTENT).returncode == 0
     destroyed = records(log)[-1]
     assert destroyed["verb"] == "destroy" and destroyed["result"] == "destroyed"
     assert all(a["op"] == "remove" for a in destroyed["actions"]) and destroyed["actions"]

@@ -52,7 +52,7 @@ def lab(tmp_path: Path) -> Iterator[dict[str, str]]:
         sh("ip", "-n", NS, "link", "set", DEV + "p", "up")
         yield env
     finally:
-        subprocess.run([sys.executable, "-m", "kernform", "destroy", "--netns", NS, "--intent", NAME],
+        subprocess.run([sys.executable, "-m", "kernform", "destroy", "--yes", "--netns", NS, "--intent", NAME],
                        capture_output=True, env=env, cwd=ROOT)
         sh("ip", "-n", NS, "link", "del", DEV, check=False)
         sh("ip", "netns", "del", NS, check=False)

@@ -94,7 +94,7 @@ def test_an_unconfirmed_change_is_rolled_back_at_the_deadline(namespace: str, ba
         assert any(r["verb"] == "rollback" and r["intent"] == intent and r["trigger"] == "confirm-timeout"
                    for r in records)
     finally:
-        kernform("destroy", "--netns", NS, "--intent", intent)
+        kernform("destroy", "--yes", "--netns", NS, "--intent", intent)
 
 
 def test_confirm_keeps_rollback_reverts_and_a_failed_probe_reverts_at_once(namespace: str, tmp_path: Path) -> None:
@@ -125,7 +125,7 @@ def test_confirm_keeps_rollback_reverts_and_a_failed_probe_reverts_at_once(names
         assert probed.returncode == 1 and "probe failed" in probed.stderr
         assert in_sync(v2, "tproxy") and not checkpoint_file(intent).exists()
     finally:
-        kernform("destroy", "--netns", NS, "--intent", intent)
+        kernform("destroy", "--yes", "--netns", NS, "--intent", intent)
 
 
 def test_a_trial_from_nothing_leaves_nothing_when_it_times_out(namespace: str, tmp_path: Path) -> None:
@@ -160,4 +160,4 @@ def test_an_intent_that_would_cut_the_ssh_session_is_refused_unless_forced(names
         forced = kernform("apply", "-q", "--backend", "tproxy", "--force", str(cutting), inside=True, env=ssh)
         assert forced.returncode == 0, forced.stderr
     finally:
-        kernform("destroy", "--intent", intent, inside=True)
+        kernform("destroy", "--yes", "--intent", intent, inside=True)

@@ -121,7 +121,7 @@ def test_a_rule_edited_by_hand_under_the_same_comment_is_drift(namespace: str, b
             watch.terminate()
             watch.communicate(timeout=20)
     finally:
-        kernform("destroy", "--netns", NS, "--intent", intent)
+        kernform("destroy", "--yes", "--netns", NS, "--intent", intent)
 
 
 @pytest.mark.parametrize("backend", ["tproxy", "ebpf"])
@@ -139,10 +139,10 @@ def test_after_nft_flush_ruleset_destroy_still_finds_the_intents_rules_and_route
 
         plan = kernform("plan", "--netns", NS, "--backend", backend, str(path))
         assert f"+ table inet kernform-{intent}" in plan.stdout, plan.stdout
-        done = kernform("destroy", "--netns", NS, "--intent", intent)
+        done = kernform("destroy", "--yes", "--netns", NS, "--intent", intent)
         assert done.returncode == 0 and "Nothing to destroy" not in done.stdout, done.stdout
         assert "proto 158" not in sh("ip", "-n", NS, "rule", "show")
         assert sh("ip", "-n", NS, "route", "show", "table", "all", "proto", "158") == ""
-        assert kernform("destroy", "--netns", NS, "--intent", intent).stdout.startswith("Nothing to destroy")
+        assert kernform("destroy", "--yes", "--netns", NS, "--intent", intent).stdout.startswith("Nothing to destroy")
     finally:
-        kernform("destroy", "--netns", NS, "--intent", intent)
+        kernform("destroy", "--yes", "--netns", NS, "--intent", intent)

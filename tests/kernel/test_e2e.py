@@ -342,7 +342,7 @@ def test_the_gitops_directory_applies_as_three_intents_and_works(servers: LabMap
     status = json.loads(cli("status", "--json", "--netns", servers.gw_ns).stdout)
     assert {i["intent"]: i["backend"] for i in status["intents"]} == {
         "gw-interception": backend, "gw-services": backend, "gw-edge": backend}
-    destroyed = cli("destroy", directory, "--netns", servers.gw_ns)
+    destroyed = cli("destroy", "--yes", directory, "--netns", servers.gw_ns)
     assert destroyed.returncode == 0, destroyed.stderr
     assert not [t for t in gw.nft.tables() if t.startswith("kernform-gw-")]
 

@@ -142,7 +142,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
         yield files
     finally:
         for name in INTENTS:
-            kernform("destroy", "--netns", NS, "--intent", full(name))
+            kernform("destroy", "--yes", "--netns", NS, "--intent", full(name))
         if proxy is not None:
             proxy.kill()
             proxy.wait(5)
@@ -193,7 +193,7 @@ def test_no_apply_or_destroy_of_one_intent_changes_another_in_any_order(lab: dic
         assert tables[0] and tables[1] and not tables[0] & tables[1], tables
         for index, name in enumerate(order):
             rest = {n: snapshot(n) for n in order[index + 1:]}
-            result = kernform("destroy", "--netns", NS, "--intent", full(name))
+            result = kernform("destroy", "--yes", "--netns", NS, "--intent", full(name))
             assert result.returncode == 0, (order, name, result.stdout, result.stderr)
             assert is_empty(snapshot(name)), (order, name, snapshot(name))
             assert {n: snapshot(n) for n in rest} == rest, (order, f"destroy of {name}")

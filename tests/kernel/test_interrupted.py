@@ -85,7 +85,7 @@ def namespace() -> Iterator[str]:
             yield name
         finally:
             for backend in ("tproxy", "ebpf"):  # a test cut short leaves nothing behind either
-                kernform("destroy", "--netns", NS, "--intent", f"killed-{backend}-{PID}")
+                kernform("destroy", "--yes", "--netns", NS, "--intent", f"killed-{backend}-{PID}")
 
 
 def kernform(*args: str, strace: list[str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -165,7 +165,7 @@ def test_a_kill_at_any_point_of_apply_or_destroy_is_followed_by_a_run_that_conve
     path = tmp_path / "intent.yaml"
     path.write_text(intent_text(intent))
     apply_args = ["apply", "--quiet", "--netns", NS, "--backend", backend, str(path)]
-    destroy_args = ["destroy", "--netns", NS, "--intent", intent]
+    destroy_args = ["destroy", "--yes", "--netns", NS, "--intent", intent]
     plan_args = ["plan", "--detailed-exitcode", "--netns", NS, "--backend", backend, str(path)]
 
     apply_counts = syscall_counts(apply_args, tmp_path)

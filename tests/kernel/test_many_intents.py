@@ -112,7 +112,7 @@ def namespace() -> Iterator[str]:
         yield NS
     finally:
         for name in ("a", "b", "c", "z"):
-            kernform("destroy", "--netns", NS, "--intent", f"{name}-{PID}")
+            kernform("destroy", "--yes", "--netns", NS, "--intent", f"{name}-{PID}")
         sh("ip", "-n", NS, "link", "del", DEV, check=False)  # veths before their namespace
         sh("ip", "netns", "del", NS, check=False)
 
@@ -184,7 +184,7 @@ def test_a_directory_is_planned_applied_and_a_conflicting_third_intent_changes_n
 
     # destroy takes the directory too, in reverse order.
     (repo / "z.yaml").unlink()
-    result = kernform("destroy", "--netns", namespace, str(repo))
+    result = kernform("destroy", "--yes", "--netns", namespace, str(repo))
     assert result.returncode == 0, result.stderr
     assert [line.split(" objects of intent ")[1].split()[0] for line in result.stdout.splitlines()] == [
         f"b-{PID}", f"a-{PID}"]
@@ -216,4 +216,4 @@ def test_a_vip_another_applied_intent_balances_is_refused_before_the_kernel(
             f"netns {namespace}, which balances that VIP (recorded in nft table kernform-v1-{PID})"), result.stderr
         assert kernel_state() == before
     finally:
-        kernform("destroy", "--netns", namespace, "--intent", f"v1-{PID}")
+        kernform("destroy", "--yes", "--netns", namespace, "--intent", f"v1-{PID}")

@@ -30,7 +30,7 @@ def ns() -> Iterator[str]:
         try:
             yield name
         finally:
-            kernform("destroy", "--intent", "savedplan", "--netns", name, "--quiet")
+            kernform("destroy", "--yes", "--intent", "savedplan", "--netns", name, "--quiet")
 
 
 def ruleset(ns: str) -> str:

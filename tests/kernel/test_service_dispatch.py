@@ -84,7 +84,7 @@ def lab() -> Iterator[str]:
         finally:
             server.kill()
             server.wait()
-            kernform("destroy", "--intent", "svcdispatch", "--netns", ns, "--quiet")
+            kernform("destroy", "--yes", "--intent", "svcdispatch", "--netns", ns, "--quiet")
 
 
 def answers(ns: str, indexes: list[int]) -> dict[int, str]:

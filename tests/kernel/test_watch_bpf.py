@@ -104,7 +104,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
             yield watch
         finally:
             watch.stop()
-            kernform("destroy", "--netns", NS, "--intent", INTENT)
+            kernform("destroy", "--yes", "--netns", NS, "--intent", INTENT)
 
 
 def pins() -> Path:

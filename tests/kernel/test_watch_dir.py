@@ -197,7 +197,7 @@ def ns() -> Iterator[str]:
             sh("ip", "-n", NS, "link", "set", dev, "up")
         yield NS
     finally:
-        kernform("destroy", "--netns", NS, *[arg for short in SHORT_NAMES for arg in ("--intent", name(short))])
+        kernform("destroy", "--yes", "--netns", NS, *[arg for short in SHORT_NAMES for arg in ("--intent", name(short))])
         sh("ip", "-n", NS, "link", "del", DEV, check=False)  # veths before their namespace
         sh("ip", "netns", "del", NS, check=False)
 
