@@ -31,6 +31,10 @@ class Action(NamedTuple):
     key: ObjectKey
     old: KernelObject | None
     new: KernelObject | None
+    # For a removal: the intent part the removed object's set or program belongs to (a map element
+    # re-sliced away is part of a service, not "not in the intent"); an object read from the kernel
+    # carries no origin of its own.
+    container_origin: str = ""
 
     @property
     def kind(self) -> str:
@@ -40,7 +44,7 @@ class Action(NamedTuple):
     def origin(self) -> str:
         source = self.new if self.new is not None else self.old
         origin = getattr(source, "origin", "") if source is not None else ""
-        return origin or ("not in the intent" if self.op == "remove" else "")
+        return origin or self.container_origin or ("not in the intent" if self.op == "remove" else "")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -136,10 +140,22 @@ def diff(intent: str, backend: str, target: str,
         want = desired[key]
         if have != want:
             creations.append(Action("change", key, have, want))
-    removals = [Action("remove", key, observed[key], None) for key in observed.keys() - desired.keys()]
+    removals = [Action("remove", key, observed[key], None, _container_origin(observed[key], desired))
+                for key in observed.keys() - desired.keys()]
     creations.sort(key=_creation_order)
     removals.sort(key=_removal_order)
     return Plan(intent=intent, backend=backend, target=target, actions=tuple(creations + removals))
+
+
+def _container_origin(obj: KernelObject, desired: Mapping[ObjectKey, KernelObject]) -> str:
+    """The origin of the desired set (for a set element) or program (for a map entry) holding `obj`."""
+    container = getattr(obj, "set", None)
+    kind = "nft.set"
+    if container is None:
+        container, kind = getattr(obj, "program", None), "bpf.program"
+    if not isinstance(container, str):
+        return ""
+    return str(getattr(desired.get(ObjectKey(kind, container)), "origin", "") or "")
 
 
 def _creation_order(action: Action) -> tuple[int, int, str]:

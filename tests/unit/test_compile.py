@@ -95,3 +95,18 @@ def test_plan_text_names_the_intent_rule_and_summarises() -> None:
     assert "# filtering.forward/deny-admin" in text
     assert "elements of lb_web6" in text  # large element lists are summarised per set
     assert text.rstrip().endswith(f"Plan: {len(plan.actions)} to add, 0 to change, 0 to remove.")
+
+
+def test_a_re_sliced_away_element_is_shown_as_part_of_its_service() -> None:
+    """A weight change removes map elements the kernel holds without an origin of their own: the plan names
+    the service they belong to (their desired map's origin), not "not in the intent"."""
+    before = compile_intent(parse_text(big_intent(3, 20), "i.yaml").intent, "tproxy")
+    after = compile_intent(parse_text(big_intent(3, 20).replace("weight: 1}", "weight: 7}", 1), "i.yaml").intent,
+                           "tproxy")
+    observed = {key: NftElement(o.table, o.set, o.element, o.value) if isinstance(o, NftElement) else o
+                for key, o in before.by_key().items()}  # as read back: no origins on elements
+    plan = diff("i", "tproxy", "host", after.by_key(), observed)
+    removed = [a for a in plan.actions if a.op == "remove" and a.kind == "nft.element"]
+    assert removed and {a.origin for a in removed} == {"loadBalancing/svc"}, {a.origin for a in removed}
+    text = render_text(plan)
+    assert "not in the intent" not in text
