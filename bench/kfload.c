@@ -8,8 +8,11 @@
  * before connect() in close mode, so a new connection's latency is what a user
  * waits for: handshake, request, whole response.
  *
- *   kfload -a ADDR -p PORT [-c CONNS] [-d SECONDS] [-w WARMUP] [-k] [-t TIMEOUT_MS]
+ *   kfload -a ADDR -p PORT [-c CONNS] [-d SECONDS] [-w WARMUP] [-k] [-t TIMEOUT_MS] [-n COUNT]
  *
+ *   -n COUNT: every connection goes to one of COUNT consecutive addresses
+ *     from ADDR, drawn at random (default 1: ADDR only); e.g. a random VIP of
+ *     COUNT services whose VIPs are consecutive.
  *   close mode (default): every request on a new connection ("Connection:
  *     close"); the client reads until the server closes, so the server is the
  *     active closer and the client holds no TIME_WAIT (it can reuse its ports
@@ -52,6 +55,9 @@ struct conn {
 };
 
 static struct sockaddr_in dst;
+static uint32_t first_addr;  /* host order */
+static uint32_t naddrs = 1;
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
 static int keepalive;
 static long timeout_ns = 3000000000L;
 static char request[256];
@@ -100,9 +106,20 @@ static void start_request(struct conn *c, uint64_t t)
 		c->start_ns = t;
 }
 
+/* xorshift64*: cheap, and good enough to spread connections over addresses. */
+static uint32_t next_random(void)
+{
+	rng_state ^= rng_state >> 12;
+	rng_state ^= rng_state << 25;
+	rng_state ^= rng_state >> 27;
+	return (uint32_t)((rng_state * 0x2545F4914F6CDD1Dull) >> 32);
+}
+
 static void open_conn(struct conn *c)
 {
 	uint64_t t = now_ns();
+	if (naddrs > 1)
+		dst.sin_addr.s_addr = htonl(first_addr + next_random() % naddrs);
 	c->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	if (c->fd < 0) {
 		perror("socket");
@@ -251,7 +268,8 @@ int main(int argc, char **argv)
 	const char *addr = NULL;
 	int port = 80, nconns = 32, opt;
 	double seconds = 2, warmup = 0.5;
-	while ((opt = getopt(argc, argv, "a:p:c:d:w:kt:")) != -1) {
+	long count = 1;
+	while ((opt = getopt(argc, argv, "a:p:c:d:w:kt:n:")) != -1) {
 		switch (opt) {
 		case 'a': addr = optarg; break;
 		case 'p': port = atoi(optarg); break;
@@ -260,13 +278,16 @@ int main(int argc, char **argv)
 		case 'w': warmup = atof(optarg); break;
 		case 'k': keepalive = 1; break;
 		case 't': timeout_ns = atol(optarg) * 1000000L; break;
+		case 'n': count = atol(optarg); break;
 		default:
-			fprintf(stderr, "usage: kfload -a ADDR -p PORT [-c CONNS] [-d S] [-w S] [-k] [-t MS]\n");
+			fprintf(stderr, "usage: kfload -a ADDR -p PORT [-c CONNS] [-d S] [-w S] [-k] [-t MS] [-n COUNT]\n");
 			return 2;
 		}
 	}
-	if (!addr || nconns < 1 || nconns > MAX_CONNS || seconds <= 0 || seconds > 60 || warmup < 0 || warmup > 10) {
-		fprintf(stderr, "kfload: need -a ADDR; 1 <= -c <= %d, 0 < -d <= 60, 0 <= -w <= 10\n", MAX_CONNS);
+	if (!addr || nconns < 1 || nconns > MAX_CONNS || seconds <= 0 || seconds > 60 || warmup < 0 || warmup > 10 ||
+	    count < 1 || count > (1L << 24)) {
+		fprintf(stderr, "kfload: need -a ADDR; 1 <= -c <= %d, 0 < -d <= 60, 0 <= -w <= 10, 1 <= -n <= 2^24\n",
+			MAX_CONNS);
 		return 2;
 	}
 	memset(&dst, 0, sizeof(dst));
@@ -276,6 +297,13 @@ int main(int argc, char **argv)
 		fprintf(stderr, "kfload: bad IPv4 address %s\n", addr);
 		return 2;
 	}
+	first_addr = ntohl(dst.sin_addr.s_addr);
+	naddrs = (uint32_t)count;
+	if ((uint64_t)first_addr + naddrs - 1 > UINT32_MAX) {
+		fprintf(stderr, "kfload: %s + %ld addresses runs past 255.255.255.255\n", addr, count);
+		return 2;
+	}
+	rng_state ^= now_ns();
 	request_len = (size_t)snprintf(request, sizeof(request),
 				       "GET / HTTP/1.1\r\nHost: %s\r\nUser-Agent: kfload\r\n%s\r\n", addr,
 				       keepalive ? "" : "Connection: close\r\n");
@@ -315,10 +343,10 @@ int main(int argc, char **argv)
 				open_conn(&conns[i]);
 	}
 	qsort(samples, nsamples, sizeof(uint32_t), cmp_u32);
-	printf("{\"mode\":\"%s\",\"connections\":%d,\"seconds\":%.3f,\"requests\":%lu,\"rate\":%.1f,"
+	printf("{\"mode\":\"%s\",\"addresses\":%u,\"connections\":%d,\"seconds\":%.3f,\"requests\":%lu,\"rate\":%.1f,"
 	       "\"latency_us\":{\"p50\":%u,\"p90\":%u,\"p99\":%u,\"p999\":%u,\"max\":%u},"
 	       "\"errors\":{\"connect\":%lu,\"reset\":%lu,\"timeout\":%lu,\"short\":%lu,\"http\":%lu}}\n",
-	       keepalive ? "keepalive" : "close", nconns, seconds, completed, (double)completed / seconds,
+	       keepalive ? "keepalive" : "close", naddrs, nconns, seconds, completed, (double)completed / seconds,
 	       pct(0.50), pct(0.90), pct(0.99), pct(0.999), nsamples ? samples[nsamples - 1] : 0,
 	       err_connect, err_reset, err_timeout, err_short, err_http);
 	return 0;

@@ -28,13 +28,15 @@ def build(workdir: Path) -> Path:
 
 @dataclass(frozen=True)
 class Load:
-    """Where a load runs and what it hits. `cgroup`: join that cgroup v2 directory before entering `ns`."""
+    """Where a load runs and what it hits. `cgroup`: join that cgroup v2 directory before entering `ns`;
+    `addresses`: each connection goes to one of that many consecutive addresses from `addr`, at random."""
 
     ns: str
     addr: str
     port: int
     cgroup: str | None = None
     label: str = ""
+    addresses: int = 1
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ def run(binary: Path, load: Load, settings: LoadSettings, keepalive: bool) -> di
                        "-c", str(settings.conns), "-d", str(settings.seconds), "-w", str(settings.warmup)]
     if keepalive:
         argv.append("-k")
+    if load.addresses > 1:
+        argv += ["-n", str(load.addresses)]
     if load.cgroup is not None:
         # The process joins the cgroup first (ip netns exec remounts /sys, so the path is written from outside).
         argv = ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', load.cgroup, *argv]
