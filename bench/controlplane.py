@@ -23,6 +23,16 @@ many saves (a one-element change written to a temporary file and renamed over
 the intent, as editors save), the time from the rename to the daemon's log line
 saying the change is applied (it logs after apply and verification, so the
 kernel holds the change by then), and the daemon's peak RSS (VmHWM).
+
+The services rows (issue #13) grow the number of services instead: an intent
+of S services (VIP:80, 10 backends each; bench.intents.services_text), in the
+same namespace, same style (interleaved backends, one Target kept open):
+compile, first apply (the apply step, the desired state given), no-op plan,
+then adding one service and removing one (an original one from the middle of
+the list), each as the apply step and the whole pass with its kernel
+operations. Every repetition runs under a time limit; a backend that fails or
+runs out of time at some S gets its error recorded in that row and the run
+goes on.
 """
 
 from __future__ import annotations
@@ -50,6 +60,10 @@ from . import topology as topo
 from .load import percentile, spread
 
 INTENT = "kfbench-cp"
+SVC_INTENT = "kfbench-cpsvc"
+# The control-plane namespace's services take VIPs from the range of a gateway index no gateway has.
+SVC_VIP_INDEX = 9
+PARTS = ("cidrs", "services")
 
 
 @dataclass
@@ -57,6 +71,9 @@ class ControlPlaneSettings:
     ns: list[int]
     reps: int
     watch_saves: int
+    service_ns: list[int] = field(default_factory=lambda: [1_000, 10_000])
+    service_reps: int = 3
+    service_limit_s: float = 900.0  # one repetition of one backend at one S (a generous bound: no hang)
 
 
 def _kernform_argv() -> list[str]:
@@ -77,7 +94,9 @@ class ControlPlane:
     kernform: state.KernformState
     say: Callable[[str], None]
     backends: tuple[str, ...] = ("tproxy", "ebpf")
+    parts: tuple[str, ...] = PARTS
     results: list[dict[str, Any]] = field(default_factory=list)
+    service_results: list[dict[str, Any]] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
 
     def run(self) -> None:
@@ -91,7 +110,7 @@ class ControlPlane:
                     target.bpf  # noqa: B018 - import bcc and open the driver before anything is timed
                 except Exception as exc:
                     self.skipped["ebpf"] = f"{type(exc).__name__}: {exc}"
-            for n in self.settings.ns:
+            for n in self.settings.ns if "cidrs" in self.parts else ():
                 samples: dict[str, list[dict[str, Any]]] = {b: [] for b in self.backends}
                 for rep in range(self.settings.reps):
                     for backend in self.backends if rep % 2 == 0 else tuple(reversed(self.backends)):
@@ -115,9 +134,13 @@ class ControlPlane:
                         row["watch"] = self.watch(backend, n)
                     self.results.append(row)
                     self.print_row(row)
+            if "services" in self.parts:
+                self.services()
         finally:
             with contextlib.suppress(Exception):
                 self.kernform.destroy(topo.CP_NS, INTENT)
+            with contextlib.suppress(Exception):
+                self.kernform.destroy(topo.CP_NS, SVC_INTENT)
             self.kernform.close_namespace(topo.CP_NS)
             topo.down()
             self.say(f"   (control plane: {time.monotonic() - started:.0f} s)")
@@ -182,6 +205,111 @@ class ControlPlane:
             raise RuntimeError(f"kernform apply exited {res.returncode}: {res.stderr.strip()[-800:]}")
         return {"wall_s": wall, "peak_rss_mb": int(peak.read_text()) / 1024,
                 "output": res.stdout.strip().splitlines()[-1:]}
+
+    # ------------------------------------------------------------ services (issue #13)
+    def services(self) -> None:
+        """Per S: interleaved repetitions of both backends; a backend's failure at S ends its repetitions there."""
+        self.say(f"   services rows: S services of {topo.SERVICE_BACKENDS} backends each, "
+                 f"{self.settings.service_reps} repetitions, at most {self.settings.service_limit_s:.0f} s each")
+        for s in self.settings.service_ns:
+            texts = {b: self.service_texts(b, s) for b in self.backends}
+            samples: dict[str, list[dict[str, Any]]] = {b: [] for b in self.backends}
+            errors: dict[str, str] = {}
+            for rep in range(self.settings.service_reps):
+                for backend in self.backends if rep % 2 == 0 else tuple(reversed(self.backends)):
+                    if backend in self.skipped or backend in errors:
+                        continue
+                    try:
+                        with state.time_limit(self.settings.service_limit_s, f"{backend} services S={s}"):
+                            samples[backend].append(self.one_service_rep(backend, s, texts[backend]))
+                    except Exception as exc:
+                        errors[backend] = f"{type(exc).__name__}: {exc}".strip()[:600]
+                        self.skipped[f"services/{backend}/S={s}"] = errors[backend]
+                        self.say(f"  !! services S={s:,} {backend}: {errors[backend]}; its repetitions at this S stop")
+                        if isinstance(exc, state.TimeLimit):
+                            self.kernform.close_namespace(topo.CP_NS)
+                        try:
+                            with state.time_limit(self.settings.service_limit_s, f"destroy {SVC_INTENT}"):
+                                self.kernform.destroy(topo.CP_NS, SVC_INTENT)
+                        except Exception as again:
+                            self.say(f"  !! destroying {SVC_INTENT} after that: {type(again).__name__}: {again}")
+                            self.kernform.close_namespace(topo.CP_NS)
+            for backend in self.backends:
+                if backend in self.skipped and backend not in errors:
+                    continue
+                row = self.summarise_services(backend, s, samples[backend], errors.get(backend))
+                self.service_results.append(row)
+                self.print_service_row(row)
+
+    @staticmethod
+    def service_texts(backend: str, s: int) -> dict[str, str]:
+        vips = [topo.service_vip(SVC_VIP_INDEX, k) for k in range(s + 1)]
+        interfaces = [topo.CP_IF]
+        return {"base": intents.services_text(SVC_INTENT, backend, vips[:s], interfaces),
+                # one more service, then one of the original ones (from the middle of the list) removed
+                "add_service": intents.services_text(SVC_INTENT, backend, vips, interfaces),
+                "remove_service": intents.services_text(SVC_INTENT, backend, vips, interfaces, skip=s // 2)}
+
+    def one_service_rep(self, backend: str, s: int, texts: dict[str, str]) -> dict[str, Any]:
+        from reconciler import collector
+        from reconciler.apply import apply, make_plan
+
+        target = self.kernform.target(topo.CP_NS)
+
+        def compiled(text: str) -> Any:
+            return compile_intent(parse_text(text, "intent.yaml").intent, backend)
+
+        self.kernform.destroy(topo.CP_NS, SVC_INTENT)
+        out: dict[str, Any] = {}
+        out["compile_s"], desired = _timed(lambda: compiled(texts["base"]))
+        out["objects"] = len(desired.objects)
+        self.kernform.applied.add((topo.CP_NS, SVC_INTENT))
+        out["first_apply_s"], result = _timed(lambda: apply(target, desired))
+        out["first_apply_ops"] = result.operations
+        out["noop_plan_s"], (plan, _) = _timed(lambda: make_plan(target, desired))
+        if not plan.empty:
+            raise RuntimeError(f"{backend} S={s}: the plan after apply is not empty ({len(plan.actions)} actions)")
+        for key in ("add_service", "remove_service"):
+            with collector.paused():
+                started = time.perf_counter()
+                changed = compiled(texts[key])
+                compiled_at = time.perf_counter()
+                result = apply(target, changed)
+                done = time.perf_counter()
+            out[key] = {"pass_s": done - started, "apply_s": done - compiled_at, "compile_s": compiled_at - started,
+                        "operations": result.operations, "actions": len(result.plan.actions)}
+        out["destroy_s"], _ = _timed(lambda: self.kernform.destroy(topo.CP_NS, SVC_INTENT))
+        return out
+
+    def summarise_services(self, backend: str, s: int, reps: list[dict[str, Any]], error: str | None) -> dict[str, Any]:
+        row: dict[str, Any] = {"backend": backend, "services": s, "backends_per_service": topo.SERVICE_BACKENDS,
+                               "reps": len(reps), "error": error}
+        if not reps:
+            return row
+        row["objects"] = reps[0]["objects"]
+        for key in ("compile_s", "first_apply_s", "noop_plan_s", "destroy_s"):
+            row[key] = spread([r[key] for r in reps])
+        row["first_apply_ops"] = int(statistics.median(r["first_apply_ops"] for r in reps))
+        for change in ("add_service", "remove_service"):
+            row[change] = {k: spread([r[change][k] for r in reps]) for k in ("apply_s", "pass_s", "compile_s")}
+            row[change]["operations"] = int(statistics.median(r[change]["operations"] for r in reps))
+            row[change]["actions"] = int(statistics.median(r[change]["actions"] for r in reps))
+        return row
+
+    def print_service_row(self, row: dict[str, Any]) -> None:
+        def ms(x: dict[str, float]) -> str:
+            return f"{x['median'] * 1000:.1f}"
+
+        head = f"   {row['backend']:<7} S={row['services']:<6}"
+        if row["reps"]:
+            a, r = row["add_service"], row["remove_service"]
+            self.say(f"{head} compile {ms(row['compile_s'])} ms, first apply {ms(row['first_apply_s'])} ms "
+                     f"({row['first_apply_ops']:,} ops), no-op plan {ms(row['noop_plan_s'])} ms; +1 service: apply "
+                     f"{ms(a['apply_s'])} ms ({a['operations']} ops), pass {ms(a['pass_s'])} ms; -1 service: apply "
+                     f"{ms(r['apply_s'])} ms ({r['operations']} ops), pass {ms(r['pass_s'])} ms "
+                     f"[{row['reps']} reps]")
+        if row["error"]:
+            self.say(f"{head} FAILED: {row['error']}")
 
     # ------------------------------------------------------------ watch
     def watch(self, backend: str, n: int) -> dict[str, Any]:

@@ -29,6 +29,15 @@ Variants and where their load runs:
   hand (see patch_syn_rule). haproxy closes first, so the gateway keeps a
   TIME_WAIT entry for every connection, while the client, with 1,024
   ephemeral ports, reuses each 4-tuple within a fraction of a second.
+- services: S VIPs:80, each over 10 backends (drawn from a pool of 1,000
+  addresses the server's nginx answers on), forwarded from the client,
+  `loadBalancing.interfaces` naming the gateway's client-side interface; new
+  connections to the last VIP (the worst case for a design that walks a list)
+  and to a random VIP per connection. none: the client straight to a backend
+  (to a random pool address), no rules; iptables: kube-proxy's iptables mode,
+  a KUBE-SERVICES-like chain of one rule per service jumping to the
+  service's chain of probability DNAT rules; tproxy/ebpf: kernform. A backend
+  whose apply fails at some S loses that row only (the error is recorded).
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ from .load import Load, LoadSettings
 FILTER_INTENT = "kfbench-filter"
 LB_INTENT = "kfbench-lb"
 ICPT_INTENT = "kfbench-icpt"
+SVC_INTENT = "kfbench-svc"
 
 
 @dataclass
@@ -60,6 +70,8 @@ class DataplaneSettings:
     close: LoadSettings
     keepalive: LoadSettings
     interception: LoadSettings
+    services_ns: list[int] = field(default_factory=lambda: [1, 100, 1_000, 10_000])
+    apply_limit_s: float = 900.0  # one kernform apply of the services scenario (a generous bound: no hang)
 
 
 @dataclass
@@ -124,18 +136,27 @@ class Dataplane:
         return ok
 
     def measure(self, scenario: str, n: int, loads: dict[str, Load], metrics: dict[str, tuple[LoadSettings, bool]],
-                extra: Callable[[str], dict[str, Any]] | None = None) -> None:
-        """Interleaved repetitions of every (variant, metric); one row per pair."""
+                extra: Callable[[str], dict[str, Any]] | None = None,
+                aimed: dict[tuple[str, str], Load] | None = None) -> None:
+        """Interleaved repetitions of every (variant, metric); one row per pair. `aimed`: the load of a
+        (variant, metric) pair that goes elsewhere than loads[variant] (e.g. a random VIP instead of the last)."""
         samples: dict[tuple[str, str], list[dict[str, Any]]] = {}
         names = list(loads)
+
+        def load_of(variant: str, metric: str) -> Load:
+            return (aimed or {}).get((variant, metric), loads[variant])
+
         for rep in range(self.settings.reps):
             for variant in names if rep % 2 == 0 else reversed(names):
                 for metric, (settings, keepalive) in metrics.items():
                     samples.setdefault((variant, metric), []).append(
-                        load.run(self.kfload, loads[variant], settings, keepalive))
+                        load.run(self.kfload, load_of(variant, metric), settings, keepalive))
         for (variant, metric), reps in samples.items():
+            ld = load_of(variant, metric)
             row = {"scenario": scenario, "metric": metric, "variant": variant, "n": n,
-                   "load_from": loads[variant].label, **load.summarise(reps)}
+                   "load_from": ld.label, **load.summarise(reps)}
+            if ld.addresses > 1:
+                row["addresses"] = ld.addresses
             if extra is not None:
                 row.update(extra(variant))
             self.rows.append(row)
@@ -146,13 +167,15 @@ class Dataplane:
                      + (f"  errors {row['errors']}" if row["errors"] else ""))
 
     # ------------------------------------------------------------ scenarios
-    def run_all(self, scenarios: tuple[str, ...] = ("filter", "lb", "interception")) -> None:
+    def run_all(self, scenarios: tuple[str, ...] = ("filter", "lb", "interception", "services")) -> None:
         if "filter" in scenarios:
             self.filtering()
         if "lb" in scenarios:
             self.load_balancing()
         if "interception" in scenarios:
             self.interception()
+        if "services" in scenarios:
+            self.services()
 
     def filtering(self) -> None:
         s = self.settings
@@ -259,6 +282,68 @@ class Dataplane:
                 self.measure("interception", n, loads, {"conn_rate": (s.interception, False)},
                              extra=lambda variant: {"gateway_time_wait": time_wait(gws[variant].ns)})
             state.tproxy_routing(ipt.ns, add=False)
+
+    def services(self) -> None:
+        """S services of 10 backends each: new connections to the last VIP and to a random VIP."""
+        s = self.settings
+        gws = topo.GATEWAYS
+        if not intents.services_text_matches():
+            raise RuntimeError("bench.intents.services_text no longer writes what PyYAML writes: fix it first")
+        with self.phase(f"services (S VIPs:80, {topo.SERVICE_BACKENDS} backends each; the last VIP and a random one)"):
+            for i, n in enumerate(s.services_ns):
+                vips = {v: [gws[v].service_vip(k) for k in range(n)] for v in ("iptables", "tproxy", "ebpf")}
+                seconds = state.iptables_restore(gws["iptables"].ns, intents.iptables_services(vips["iptables"]),
+                                                 self.lockfile)
+                self.applies.append({"scenario": "services", "variant": "iptables", "n": n, "seconds": seconds})
+                self.say(f"   S={n:,}: iptables-legacy-restore {seconds:.2f} s "
+                         f"({n + n * topo.SERVICE_BACKENDS:,} rules in {n + 1:,} chains)")
+                applied = []
+                for backend in ("tproxy", "ebpf"):
+                    if backend == "ebpf" and not self.ebpf_ok():
+                        self.skipped.setdefault("services/ebpf", self.kernform.ebpf_problem or "unknown")
+                        continue
+                    if self.services_apply(backend, n, vips[backend]):
+                        applied.append(backend)
+                last = n - 1
+                pool_first = topo.service_pool_address(0)
+                loads: dict[str, Load] = {}
+                aimed: dict[tuple[str, str], Load] = {}
+                none_url = f"http://{topo.service_backend(last, 0)}:8080/"
+                if self.check("services", n, "none", topo.CLIENT_NS, none_url, "nginx 10.90."):
+                    loads["none"] = Load(topo.CLIENT_NS, topo.service_backend(last, 0), 8080,
+                                         label="client, straight to a backend")
+                    aimed["none", "conn_rate_random"] = Load(topo.CLIENT_NS, pool_first, 8080,
+                                                             addresses=topo.SERVICE_POOL,
+                                                             label="client, straight to a random pool address")
+                for variant in ("iptables", *applied):
+                    # The last VIP (the one the load aims at) and the first (the random load's range starts there).
+                    if all(self.check("services", n, variant, topo.CLIENT_NS, f"http://{vip}/", "nginx 10.90.")
+                           for vip in {vips[variant][last], vips[variant][0]}):
+                        loads[variant] = Load(topo.CLIENT_NS, vips[variant][last], 80,
+                                              label="client, forwarded, the last VIP")
+                        aimed[variant, "conn_rate_random"] = Load(topo.CLIENT_NS, vips[variant][0], 80, addresses=n,
+                                                                  label="client, forwarded, a random VIP")
+                if i == 0:
+                    self.say(f"   none: the client straight to a backend (last VIP's load) or to one of the "
+                             f"{topo.SERVICE_POOL:,} pool addresses at random, through {gws['none'].ns}")
+                self.measure("services", n, loads,
+                             {"conn_rate": (s.close, False), "conn_rate_random": (s.close, False)}, aimed=aimed)
+
+    def services_apply(self, backend: str, n: int, vips: list[str]) -> bool:
+        """kernform's S services in the backend's gateway; a failure (or the time limit) costs this row only."""
+        ns = topo.GATEWAYS[backend].ns
+        text = intents.services_text(SVC_INTENT, backend, vips, interfaces=[topo.GW_CLIENT_IF])
+        result = self.kernform.try_apply_text(ns, text, SVC_INTENT, backend, self.settings.apply_limit_s)
+        if isinstance(result, str):
+            self.skipped[f"services/{backend}/S={n}"] = result
+            self.applies.append({"scenario": "services", "variant": backend, "n": n, "error": result})
+            self.say(f"  !! services S={n:,} {backend}: apply failed, no row: {result}")
+            return False
+        self.applies.append({"scenario": "services", "variant": backend, "n": n, "seconds": result.seconds,
+                             "compile_s": result.compile_s, "operations": result.operations})
+        self.say(f"   S={n:,}: {backend} parse+compile {result.compile_s or 0:.2f} s, apply {result.seconds:.2f} s "
+                 f"({result.operations:,} kernel operations)")
+        return True
 
     def patch_syn_rule(self, ns: str, doc: dict[str, Any]) -> bool:
         """Let a fresh SYN skip kernform's `socket transparent 1 ... accept` rule, by hand, in this gateway only.

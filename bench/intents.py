@@ -77,6 +77,45 @@ def interception_doc(name: str, backend: str, destination: str, extra: list[str]
     return _doc(name, backend, {"interception": {"rules": [rule]}})
 
 
+def services_doc(name: str, backend: str, vips: list[str], interfaces: list[str] | None = None,
+                 skip: int | None = None) -> dict[str, Any]:
+    """One service per VIP (`svc-<i>`, VIP:80), each over SERVICE_BACKENDS backends drawn from the pool
+    (bench.topology.service_backend); `skip`: leave service i out (a removed service)."""
+    services = [{"name": f"svc-{i}", "vip": vip, "port": 80,
+                 "backends": [{"address": topo.service_backend(i, j), "port": 8080}
+                              for j in range(topo.SERVICE_BACKENDS)]}
+                for i, vip in enumerate(vips) if i != skip]
+    section: dict[str, Any] = {"services": services}
+    if interfaces:
+        section["interfaces"] = interfaces
+    return _doc(name, backend, {"loadBalancing": section})
+
+
+def services_text(name: str, backend: str, vips: list[str], interfaces: list[str] | None = None,
+                  skip: int | None = None) -> str:
+    """`dump(services_doc(...))`, written directly: PyYAML's emitter takes 10-20 s for 10,000 services of 10
+    backends, which would make the harness, not kernform, the slow part. Same text (services_text_matches)."""
+    lines = ["apiVersion: kernform/v1", "kind: NetworkIntent", f"metadata: {{name: {name}}}", "spec:",
+             f"  backend: {backend}", "  loadBalancing:", "    services:"]
+    for i, vip in enumerate(vips):
+        if i == skip:
+            continue
+        lines += [f"    - name: svc-{i}", f"      vip: {vip}", "      port: 80", "      backends:"]
+        lines += [f"      - {{address: {topo.service_backend(i, j)}, port: 8080}}"
+                  for j in range(topo.SERVICE_BACKENDS)]
+    if interfaces:
+        lines.append(f"    interfaces: [{', '.join(interfaces)}]")
+    return "\n".join(lines) + "\n"
+
+
+def services_text_matches() -> bool:
+    """The hand-written emitter gives the same text as PyYAML's (checked on a small intent before use)."""
+    vips = [topo.service_vip(0, k) for k in range(3)]
+    return all(services_text("kfbench-x", backend, vips, interfaces, skip) ==
+               dump(services_doc("kfbench-x", backend, vips, interfaces, skip))
+               for backend in ("tproxy", "ebpf") for interfaces in (None, ["gw-c"]) for skip in (None, 1))
+
+
 def control_plane_doc(name: str, backend: str, n: int, extra: int = 0,
                       weights: dict[int, int] | None = None) -> dict[str, Any]:
     """The control-plane intent of size N: a deny rule of N CIDRs and a service of min(N, 1000) backends."""
@@ -105,6 +144,23 @@ def iptables_lb(vip: str, count: int) -> str:
         left = count - i
         chance = "" if left == 1 else f"-m statistic --mode random --probability {1 / left:.11f} "
         lines.append(f"-A KFB-SVC -p tcp {chance}-j DNAT --to-destination {topo.backend_address(i)}:8080")
+    return "\n".join([*lines, "COMMIT", ""])
+
+
+def iptables_services(vips: list[str]) -> str:
+    """kube-proxy's iptables mode: a KUBE-SERVICES-like chain with one rule per service (walked in order by
+    every new connection), jumping to the service's own chain of probability DNAT rules to its backends."""
+    lines = ["*nat", ":PREROUTING ACCEPT [0:0]", ":INPUT ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]",
+             ":POSTROUTING ACCEPT [0:0]", ":KFB-SERVICES - [0:0]"]
+    lines += [f":KFB-SVC-{i} - [0:0]" for i in range(len(vips))]
+    lines += ["-A PREROUTING -j KFB-SERVICES", "-A OUTPUT -j KFB-SERVICES"]
+    lines += [f"-A KFB-SERVICES -d {vip}/32 -p tcp --dport 80 -j KFB-SVC-{i}" for i, vip in enumerate(vips)]
+    count = topo.SERVICE_BACKENDS
+    for i in range(len(vips)):
+        for j in range(count):
+            left = count - j
+            chance = "" if left == 1 else f"-m statistic --mode random --probability {1 / left:.11f} "
+            lines.append(f"-A KFB-SVC-{i} -p tcp {chance}-j DNAT --to-destination {topo.service_backend(i, j)}:8080")
     return "\n".join([*lines, "COMMIT", ""])
 
 

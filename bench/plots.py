@@ -85,6 +85,28 @@ def dataplane(data: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def services(data: dict[str, Any], path: Path) -> None:
+    """The services scenario (issue #13): new connections/s against the number of services, two panels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = data["dataplane"]["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    _rate_panel(axes[0], rows, "services", "conn_rate", "Services: new connections/s to the last VIP",
+                "services (VIP:80, 10 backends each)")
+    _rate_panel(axes[1], rows, "services", "conn_rate_random", "Services: new connections/s, a random VIP each",
+                "services (VIP:80, 10 backends each)")
+    meta = data["meta"]
+    fig.suptitle(f"kernform service dispatch, {meta['date']} ({meta['host']['cpus']} CPUs, kernel "
+                 f"{meta['host']['kernel']}): median of {meta['settings']['reps']} interleaved runs, bars = min..max; "
+                 "iptables = kube-proxy's iptables mode", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80, pil_kwargs={"optimize": True})
+    plt.close(fig)
+
+
 def controlplane(data: dict[str, Any], path: Path) -> None:
     import matplotlib
 

@@ -3,7 +3,7 @@
 Builds its own network namespaces (kfbench-*), never touches the root
 namespace, and removes everything it created at the end, also on Ctrl-C,
 SIGTERM or an error. Writes bench/results/<date>.json and PNG plots next to
-it, prints every figure and whether the targets of issue #5 are met.
+it, prints every figure and whether the targets of issues #5 and #13 are met.
 See the "Performance" section of the README for what is measured and how.
 """
 
@@ -28,11 +28,13 @@ from typing import Any
 
 from . import load, report, state
 from . import topology as topo
+from .controlplane import PARTS as CP_PARTS
 from .controlplane import ControlPlane, ControlPlaneSettings
 from .dataplane import Dataplane, DataplaneSettings
 from .load import LoadSettings
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SCENARIOS = ("filter", "lb", "interception", "services")
 TOOLS = {"nginx": "nginx-light", "haproxy": "haproxy", "iptables-legacy-restore": "iptables", "curl": "curl",
          "gcc": "gcc", "ss": "iproute2", "ip": "iproute2"}
 
@@ -41,13 +43,18 @@ def settings(quick: bool, reps: int | None) -> tuple[DataplaneSettings, ControlP
     if quick:
         dp = DataplaneSettings(filter_ns=[0, 10_000], lb_ns=[1, 1_000], icpt_ns=[0], reps=reps or 3,
                                close=LoadSettings(32, 0.8, 0.15), keepalive=LoadSettings(32, 0.4, 0.1),
-                               interception=LoadSettings(32, 0.8, 0.15))
-        cp = ControlPlaneSettings(ns=[100, 1_000], reps=reps or 3, watch_saves=6)
+                               interception=LoadSettings(32, 0.8, 0.15), services_ns=[1, 1_000])
+        cp = ControlPlaneSettings(ns=[100, 1_000], reps=reps or 3, watch_saves=6, service_ns=[1_000],
+                                  service_reps=reps or 2)
     else:
         dp = DataplaneSettings(filter_ns=[0, 10, 100, 1_000, 10_000], lb_ns=[1, 10, 100, 1_000],
                                icpt_ns=[0, 10_000], reps=reps or 5, close=LoadSettings(32, 1.5, 0.3),
-                               keepalive=LoadSettings(32, 1.0, 0.2), interception=LoadSettings(32, 1.5, 0.3))
-        cp = ControlPlaneSettings(ns=[10, 100, 1_000, 10_000], reps=reps or 5, watch_saves=50)
+                               keepalive=LoadSettings(32, 1.0, 0.2), interception=LoadSettings(32, 1.5, 0.3),
+                               services_ns=[1, 100, 1_000, 10_000])
+        # Services rows: 3 repetitions (a 10,000-service intent is ~5 MB of YAML, parsed and compiled three
+        # times per repetition: the first apply and the two whole passes).
+        cp = ControlPlaneSettings(ns=[10, 100, 1_000, 10_000], reps=reps or 5, watch_saves=50,
+                                  service_ns=[1_000, 10_000], service_reps=reps or 3)
     return dp, cp
 
 
@@ -100,9 +107,14 @@ def write_results(data: dict[str, Any], stem: str, say: Any) -> list[Path]:
     except ImportError:
         say("  (no plots: matplotlib is missing; .venv/bin/pip install -e '.[bench]')")
         return written
-    if data.get("dataplane", {}).get("rows"):
+    rows = data.get("dataplane", {}).get("rows", [])
+    if any(r["scenario"] != "services" for r in rows):
         p = RESULTS / f"{stem}-dataplane.png"
         plots.dataplane(data, p)
+        written.append(p)
+    if any(r["scenario"] == "services" for r in rows):
+        p = RESULTS / f"{stem}-services.png"
+        plots.services(data, p)
         written.append(p)
     if data.get("controlplane", {}).get("rows"):
         p = RESULTS / f"{stem}-controlplane.png"
@@ -117,10 +129,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, help="repetitions per figure (default 5; quick 3)")
     parser.add_argument("--skip-dataplane", action="store_true")
     parser.add_argument("--skip-controlplane", action="store_true")
-    parser.add_argument("--scenarios", default="filter,lb,interception",
-                        help="data-path scenarios to run (comma-separated; default all)")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                        help=f"data-path scenarios to run (comma-separated from {','.join(SCENARIOS)}; default all)")
+    parser.add_argument("--controlplane-parts", default=",".join(CP_PARTS),
+                        help=f"control-plane parts to run (comma-separated from {','.join(CP_PARTS)}: the rows of "
+                        "N CIDRs and the services rows; default both)")
+    parser.add_argument("--services-ns", metavar="S,S,...",
+                        help="numbers of services for the services scenario and the control plane's services rows "
+                        "(default 1,100,1000,10000 and 1000,10000; quick 1,1000 and 1000)")
     parser.add_argument("--name", help="results file stem (default: the date, plus -quick)")
     args = parser.parse_args(argv)
+    scenarios = tuple(x.strip() for x in args.scenarios.split(",") if x.strip())
+    unknown = sorted(set(scenarios) - set(SCENARIOS))
+    if unknown:
+        parser.error(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
+    cp_parts = tuple(x.strip() for x in args.controlplane_parts.split(",") if x.strip())
+    unknown = sorted(set(cp_parts) - set(CP_PARTS))
+    if unknown:
+        parser.error(f"unknown control-plane part(s) {', '.join(unknown)}; known: {', '.join(CP_PARTS)}")
 
     started = time.monotonic()
 
@@ -133,6 +159,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: {p}", file=sys.stderr)
         return 1
     dp_settings, cp_settings = settings(args.quick, args.reps)
+    if args.services_ns:
+        try:
+            sizes = sorted({int(x) for x in args.services_ns.split(",") if x.strip()})
+        except ValueError:
+            parser.error("--services-ns takes numbers, e.g. 1,1000")
+        if not sizes or not all(1 <= x <= topo.MAX_SERVICES - 1 for x in sizes):
+            parser.error(f"--services-ns: each between 1 and {topo.MAX_SERVICES - 1:,}")
+        dp_settings.services_ns = cp_settings.service_ns = sizes
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 20_000), hard))
     previous = signal.signal(signal.SIGTERM, _interrupt)
@@ -141,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     today = dt.datetime.now().strftime("%Y-%m-%d")
     stem = args.name or (today + ("-quick" if args.quick else ""))
     data: dict[str, Any] = {
-        "meta": {"date": today, "command": "sudo .venv/bin/python -m bench.run" + (" --quick" if args.quick else ""),
+        "meta": {"date": today, "command": " ".join(["sudo .venv/bin/python -m bench.run",
+                                                     *(sys.argv[1:] if argv is None else argv)]),
                  "quick": args.quick, "host": host_info(),
                  "settings": {"reps": dp_settings.reps, "dataplane": _plain(dp_settings),
                               "controlplane": _plain(cp_settings), "client_ports": list(topo.CLIENT_PORTS)},
@@ -164,9 +199,9 @@ def main(argv: list[str] | None = None) -> int:
         kfload = load.build(workdir)
         if not args.skip_dataplane:
             dp = Dataplane(workdir, kfload, dp_settings, kernform, say)
-            dp.run_all(tuple(args.scenarios.split(",")))
+            dp.run_all(scenarios)
         if not args.skip_controlplane:
-            cp = ControlPlane(workdir, cp_settings, kernform, say)
+            cp = ControlPlane(workdir, cp_settings, kernform, say, parts=cp_parts)
             cp.run()
     except KeyboardInterrupt as exc:
         interrupted = f"interrupted ({exc or 'Ctrl-C'})"
@@ -206,13 +241,13 @@ def main(argv: list[str] | None = None) -> int:
         skipped.update(dp.skipped)
         data["meta"]["notes"] += dp.notes
     if cp is not None:
-        data["controlplane"] = {"rows": cp.results}
+        data["controlplane"] = {"rows": cp.results, "services": cp.service_results}
         skipped.update({f"controlplane/{k}": v for k, v in cp.skipped.items()})
     if skipped:
         data["meta"]["skipped"] = skipped
     data["ratios"] = report.ratios(data)
     data["targets"] = report.targets(data)
-    if not (dp and dp.rows) and not (cp and cp.results):
+    if not (dp and dp.rows) and not (cp and (cp.results or cp.service_results)):
         say("nothing measured; no results written")
         return 1
     if interrupted:
@@ -221,8 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for key, reason in skipped.items():
         print(f"SKIPPED {key}: {reason}")
-    print("Targets (issue #5):" + ("  [--quick: 3 short repetitions, a smoke test of the benchmark; quote the full "
-                                   "run's figures, not these]" if args.quick else ""))
+    services = report.render_services(data)
+    if services:
+        print(services)
+        print()
+    print("Targets (issues #5, #13):" + ("  [--quick: 3 short repetitions, a smoke test of the benchmark; quote the "
+                                           "full run's figures, not these]" if args.quick else ""))
     print(report.render_targets(data["targets"]))
     print()
     print("Written: " + ", ".join(str(p.relative_to(Path.cwd()) if p.is_relative_to(Path.cwd()) else p)

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from compiler import compile_intent
@@ -35,15 +38,41 @@ INTENT_PREFIX = "kfbench-"
 
 
 def desired_of(doc: dict[str, Any]) -> DesiredState:
-    text = intents.dump(doc)
-    loaded = parse_text(text, f"<{doc['metadata']['name']}>")
-    return compile_intent(loaded.intent, doc["spec"]["backend"])
+    return desired_of_text(intents.dump(doc), doc["metadata"]["name"], doc["spec"]["backend"])
+
+
+def desired_of_text(text: str, name: str, backend: str) -> DesiredState:
+    loaded = parse_text(text, f"<{name}>")
+    return compile_intent(loaded.intent, backend)
+
+
+class TimeLimit(Exception):
+    """A step of the benchmark ran past its time limit (raised from SIGALRM in the main thread)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float, what: str) -> Iterator[None]:
+    """Raise TimeLimit inside the block after `seconds`, so that a step that never ends cannot hang the run.
+
+    The exception lands wherever Python code runs at that moment, possibly inside kernform: afterwards the
+    caller closes the namespace's Target and destroys the intent with a fresh one."""
+    def expired(signum: int, frame: FrameType | None) -> None:
+        raise TimeLimit(f"{what}: no result after {seconds:.0f} s (the benchmark's time limit)")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @dataclass
 class Applied:
     seconds: float
     operations: int
+    compile_s: float | None = None  # parse and compile, when measured
 
 
 @dataclass
@@ -85,6 +114,28 @@ class KernformState:
             with contextlib.suppress(Exception):
                 self.destroy(ns, doc["metadata"]["name"])
             return None
+
+    def try_apply_text(self, ns: str, text: str, name: str, backend: str, limit_s: float) -> Applied | str:
+        """Parse, compile and apply within `limit_s` seconds; on any failure (either backend) the error's text,
+        with the intent destroyed (through a fresh Target) and ebpf left usable for other steps."""
+        try:
+            with time_limit(limit_s, f"{backend} apply of {name} in {ns}"):
+                started = time.perf_counter()
+                desired = desired_of_text(text, name, backend)
+                compiled = time.perf_counter() - started
+                self.applied.add((ns, name))
+                result = self.apply_desired(ns, desired)
+                return Applied(result.seconds, result.operations, compiled)
+        except Exception as exc:
+            problem = f"{type(exc).__name__}: {exc}".strip()[:600]
+            if isinstance(exc, TimeLimit):
+                self.close_namespace(ns)
+            try:
+                with time_limit(limit_s, f"destroy of {name} in {ns}"):
+                    self.destroy(ns, name)
+            except Exception as again:
+                problem += f" (and destroying it: {type(again).__name__}: {again})"[:300]
+            return problem
 
     def destroy(self, ns: str, intent: str) -> None:
         from reconciler.apply import destroy

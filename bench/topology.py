@@ -20,14 +20,16 @@ server, one forwarding hop.
                                                              local 10.90.0.0/16 (load-balanced backends)
 
 Variant i = 0 none, 1 iptables, 2 tproxy, 3 ebpf, 4 tproxy-synfix. The client reaches
-198.18.i.0/24 and the VIP range 10.99.i.0/24 through gateway i; each gateway's
-default route points at the server. ``kfbench-cp`` is an empty namespace with
+198.18.i.0/24, the VIP range 10.99.i.0/24 and the services' VIP range
+10.(100+i).0.0/16 through gateway i; each gateway's default route points at
+the server. ``kfbench-cp`` is an empty namespace with
 a veth pair (cp0, cp1), where the control-plane measurements apply their intents.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import subprocess
 import time
@@ -107,6 +109,14 @@ class Gateway:
     def vip(self) -> str:
         return f"10.99.{self.index}.10"
 
+    @property
+    def service_net(self) -> str:
+        """The VIPs of the services scenario (one per service, consecutive addresses from service_vip(0))."""
+        return f"10.{100 + self.index}.0.0/16"
+
+    def service_vip(self, k: int) -> str:
+        return service_vip(self.index, k)
+
 
 GATEWAYS = {v: Gateway(v, i) for i, v in enumerate(VARIANTS)}
 NAMESPACES = (CLIENT_NS, SERVER_NS, *(g.ns for g in GATEWAYS.values()), CP_NS)
@@ -115,6 +125,34 @@ NAMESPACES = (CLIENT_NS, SERVER_NS, *(g.ns for g in GATEWAYS.values()), CP_NS)
 def backend_address(i: int) -> str:
     """The i-th load-balanced backend address (all live on the server, 10.90.0.0/16 is local there)."""
     return f"10.90.{i // 250}.{i % 250 + 1}"
+
+
+# The services scenario: every service has SERVICE_BACKENDS backends drawn from a pool of SERVICE_POOL
+# consecutive addresses in BACKEND_POOL (local to the server, which cannot hold one address per backend of
+# 10,000 services): backend j of service i is pool[(i * SERVICE_BACKENDS + j) % SERVICE_POOL].
+SERVICE_BACKENDS = 10
+SERVICE_POOL = 1000
+SERVICE_POOL_FIRST = ipaddress.IPv4Address("10.90.128.1")
+MAX_SERVICES = 65_000
+
+
+_POOL = tuple(str(SERVICE_POOL_FIRST + j) for j in range(SERVICE_POOL))
+
+
+def service_pool_address(j: int) -> str:
+    return _POOL[j % SERVICE_POOL]
+
+
+def service_backend(i: int, j: int) -> str:
+    return service_pool_address(i * SERVICE_BACKENDS + j)
+
+
+def service_vip(index: int, k: int) -> str:
+    """VIP of service k in the range of gateway `index` (10.(100+index).0.0/16): consecutive addresses, so a
+    load generator can pick one at random from the first and a count (kfload -n)."""
+    if not 0 <= k < MAX_SERVICES:
+        raise ValueError(f"service index {k} out of range")
+    return str(ipaddress.IPv4Address(f"10.{100 + index}.0.1") + k)
 
 
 # ------------------------------------------------------------------ commands
@@ -211,7 +249,8 @@ def up() -> None:
         for g in GATEWAYS.values():
             client += [f"address add {g.client_addr}/24 dev {g.client_peer}", f"link set {g.client_peer} up",
                        f"route add {g.internet_net} via {g.gw_client_addr}",
-                       f"route add 10.99.{g.index}.0/24 via {g.gw_client_addr}"]
+                       f"route add 10.99.{g.index}.0/24 via {g.gw_client_addr}",
+                       f"route add {g.service_net} via {g.gw_client_addr}"]
             server += [f"address add {g.internet}/32 dev lo", f"address add {g.server_addr}/24 dev {g.server_peer}",
                        f"link set {g.server_peer} up", f"route add 10.80.{g.index}.0/24 via {g.gw_server_addr}"]
         # Backends straight through the no-rules gateway: the load-balancing reference.
