@@ -38,6 +38,7 @@ from .version import __version__
 if TYPE_CHECKING:
     from compiler.management import Connection
     from reconciler.observe import Target
+    from reconciler.plan import Plan
 
 # The reconciler (pyroute2, libnftables) is imported by the commands that touch
 # the kernel only, so validate and compile stay fast and work anywhere.
@@ -186,7 +187,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     with Target(args.netns) as target:
         loaded, desired, slots = _checked(args, loaded, target)
         _refuse_applied_conflicts(target, loaded, desired, slots)
-        plans = PlanSet(target.label, tuple(make_plan(target, wanted)[0] for wanted in desired))
+        plans = PlanSet(target.label, tuple(_readable(make_plan(target, wanted)[0], target) for wanted in desired))
     if args.out:
         _write_atomically(args.out, saved_plan.dumps(args.netns, args.backend, loaded,
                                                      [p.to_dict() for p in plans.plans], __version__))
@@ -206,6 +207,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.detailed_exitcode and not plans.empty:
         return 2
     return 0
+
+
+def _readable(plan: Plan, target: Target) -> Plan:
+    """`plan` with the kernel's text of every rule it changes or removes (rules read back carry only their
+    digest): the old side of a change is shown as what it says, not as a digest."""
+    from compiler.objects import NftRule
+
+    if not any(isinstance(a.old, NftRule) and not a.old.text for a in plan.actions):
+        return plan
+    from compiler.objects import nft_table_name
+
+    texts = target.nft.rule_texts(nft_table_name(plan.intent))
+    actions = tuple(a._replace(old=dataclasses.replace(a.old, text=texts[a.key]))
+                    if isinstance(a.old, NftRule) and not a.old.text and a.key in texts else a
+                    for a in plan.actions)
+    return dataclasses.replace(plan, actions=actions)
 
 
 def _write_atomically(path: str, text: str) -> None:
@@ -237,16 +254,18 @@ def cmd_apply(args: argparse.Namespace) -> int:
             _refuse_cutting_the_session(args, target, loaded)
         if saved is not None:
             for item, wanted in zip(loaded, desired, strict=True):
-                saved.check_plan(item.intent.metadata.name, make_plan(target, wanted)[0].to_dict(), target.label)
+                saved.check_plan(item.intent.metadata.name, _readable(make_plan(target, wanted)[0], target).to_dict(),
+                                 target.label)
         # Intent by intent, in input order; each apply is atomic and verified on its own.
         for index, (item, wanted) in enumerate(zip(loaded, desired, strict=True)):
             name = item.intent.metadata.name
             try:
                 plan, observed = make_plan(target, wanted)
                 if saved is not None:  # again, under the lock, as it is applied
-                    saved.check_plan(name, plan.to_dict(), target.label)
+                    saved.check_plan(name, _readable(plan, target).to_dict(), target.label)
                 if not args.quiet:
-                    sys.stdout.write(render_text(plan, colour=_colour(sys.stdout), full=args.full))
+                    sys.stdout.write(render_text(_readable(plan, target), colour=_colour(sys.stdout),
+                                                 full=args.full))
                 if plan.empty:
                     if several and args.quiet:
                         print(f"intent {name}: no changes.")
@@ -509,7 +528,9 @@ def cmd_destroy(args: argparse.Namespace) -> int:
         if doomed:
             if not args.quiet:
                 for name in doomed:
-                    sys.stdout.write(render_text(plans[name], colour=_colour(sys.stdout), full=args.full))
+                    sys.stdout.write(render_text(_readable(plans[name], target), colour=_colour(sys.stdout),
+                                                 full=args.full, title=f"kernform destroy: intent {name} on "
+                                                                       f"{target.label}, everything it owns"))
             if not args.yes and not _confirmed(
                     f"Destroy {sum(len(plans[n].actions) for n in doomed)} objects of intent"
                     f"{'s' if len(doomed) > 1 else ''} {', '.join(doomed)} on {target.label}?"):

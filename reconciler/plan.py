@@ -190,9 +190,9 @@ _RESET = "\033[0m"
 ELEMENTS_SHOWN_PER_SET = 8
 
 
-def render_text(plan: Plan, colour: bool = False, full: bool = False) -> str:
+def render_text(plan: Plan, colour: bool = False, full: bool = False, title: str | None = None) -> str:
     """Terraform-style text: one line per action, large element changes summarised per set unless `full`."""
-    lines = [f"kernform plan: intent {plan.intent} (backend {plan.backend}) on {plan.target}", ""]
+    lines = [title or f"kernform plan: intent {plan.intent} (backend {plan.backend}) on {plan.target}", ""]
     element_groups: dict[tuple[str, str], list[Action]] = {}
     for action in plan.actions:
         if action.kind == "nft.element":

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -293,6 +294,21 @@ class NftDriver:
         rc, output, _ = self._text.cmd(f"list table {NFT_FAMILY} {table}")
         return str(output) if rc == 0 else None
 
+    def rule_texts(self, table: str) -> dict[ObjectKey, str]:
+        """What each of our rules in `table` says, as nft prints it (its comment left out), by the rule's
+        key: shown as the old side of a changed rule in a plan (the JSON listing has no text to show)."""
+        texts: dict[ObjectKey, str] = {}
+        chain = ""
+        for line in (self.snapshot(table) or "").splitlines():
+            stripped = line.strip()
+            if stripped.startswith("chain ") and stripped.endswith("{"):
+                chain = stripped.split()[1]
+                continue
+            found = _RULE_LINE.fullmatch(stripped)
+            if found and chain:
+                texts[ObjectKey(NftRule.kind, f"{chain}/{found['rule_id']}")] = found["text"]
+        return texts
+
     def restore(self, table: str, snapshot: str | None) -> None:
         """Put our table back exactly as `snapshot` (from `snapshot()`) had it, in one transaction."""
         self._known = None
@@ -329,6 +345,9 @@ class NftDriver:
 
 
 # ---------------------------------------------------------------------- parsing
+_RULE_LINE = re.compile(r'(?P<text>.*) comment "kf:(?P<rule_id>[^"]+):[^":]+"')
+
+
 def content_digest(expr: Any) -> str:
     """What a rule does, as the kernel holds it: a digest of its expressions in nft's JSON (handles,
     positions and the comment are not part of them)."""

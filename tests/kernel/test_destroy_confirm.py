@@ -80,3 +80,16 @@ def test_destroy_asks_and_needs_yes_without_a_terminal(applied: str) -> None:
     code, shown = on_a_terminal(applied, "yes")
     assert code == 0 and "Destroy complete" in shown, shown
     assert not table_present(applied)
+
+
+def test_a_changed_or_removed_rule_shows_what_the_kernel_holds(applied: str, tmp_path: Path) -> None:
+    """Rules read back carry only digests; plan and destroy show the kernel's text of the old rule."""
+    path = tmp_path / "changed.yaml"
+    path.write_text(INTENT.replace("destinations: [192.0.2.0/24]", "destinations: [192.0.2.0/24], protocol: tcp"))
+    res = kernform("plan", str(path), "--netns", applied)
+    assert res.returncode == 0 and "(was: rule filter_forward[1] ip daddr @f_forward_deny-docs_dst4 counter" in \
+        res.stdout, res.stdout
+    assert "(digest " not in res.stdout
+    res = subprocess.run([sys.executable, "-m", "kernform", "destroy", "--intent", "dconf", "--netns", applied],
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert "ct state established,related accept" in res.stdout and "(digest " not in res.stdout, res.stdout
