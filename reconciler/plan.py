@@ -193,6 +193,10 @@ ELEMENTS_SHOWN_PER_SET = 8
 def render_text(plan: Plan, colour: bool = False, full: bool = False, title: str | None = None) -> str:
     """Terraform-style text: one line per action, large element changes summarised per set unless `full`."""
     lines = [title or f"kernform plan: intent {plan.intent} (backend {plan.backend}) on {plan.target}", ""]
+    switch = backend_switch(plan)
+    if switch:
+        lines[1:1] = [f"Backend switch: {switch[0]} -> {switch[1]} (the {switch[0]} objects go, the {switch[1]} "
+                      "ones come)"]
     element_groups: dict[tuple[str, str], list[Action]] = {}
     for action in plan.actions:
         if action.kind == "nft.element":
@@ -220,6 +224,20 @@ def render_text(plan: Plan, colour: bool = False, full: bool = False, title: str
         lines.append("")
         lines.append(f"Plan: {counts['add']} to add, {counts['change']} to change, {counts['remove']} to remove.")
     return "\n".join(lines) + "\n"
+
+
+def backend_switch(plan: Plan) -> tuple[str, str] | None:
+    """(from, to) when `plan` moves its intent from one backend to the other: the ebpf backend's programs
+    come while tproxy's hooked chains go, or the other way round."""
+    added = {a.kind for a in plan.actions if a.op == "add"}
+    removed_programs = any(a.kind == "bpf.program" and a.op == "remove" for a in plan.actions)
+    removed_hooks = any(a.kind == "nft.chain" and a.op == "remove" and getattr(a.old, "hook", "")
+                        for a in plan.actions)
+    if plan.backend == "ebpf" and "bpf.program" in added and removed_hooks:
+        return "tproxy", "ebpf"
+    if plan.backend == "tproxy" and removed_programs and "nft.chain" in added:
+        return "ebpf", "tproxy"
+    return None
 
 
 def render_set_text(plans: PlanSet, colour: bool = False, full: bool = False) -> str:

@@ -110,3 +110,15 @@ def test_a_re_sliced_away_element_is_shown_as_part_of_its_service() -> None:
     assert removed and {a.origin for a in removed} == {"loadBalancing/svc"}, {a.origin for a in removed}
     text = render_text(plan)
     assert "not in the intent" not in text
+
+
+@pytest.mark.parametrize("before,after", [("tproxy", "ebpf"), ("ebpf", "tproxy")])
+def test_a_backend_switch_is_named_in_one_line(before: str, after: str) -> None:
+    loaded = load_file(ROOT / "examples" / "service-lb.yaml")
+    old = compile_intent(loaded.intent, before).by_key()
+    new = compile_intent(loaded.intent, after).by_key()
+    text = render_text(diff("service-lb", after, "host", new, old))
+    assert text.splitlines()[1] == (f"Backend switch: {before} -> {after} (the {before} objects go, the {after} "
+                                    "ones come)"), text[:300]
+    same = render_text(diff("service-lb", after, "host", new, new))
+    assert "Backend switch" not in same
