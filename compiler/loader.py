@@ -16,6 +16,7 @@ most MAX_FILE_BYTES.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import os
@@ -157,8 +158,8 @@ def _parse_with_positions(text: str, filename: str, invalid: ValidationError | N
         # port ranges), which it cannot see. A 10 MB blocklist with one bad CIDR skips it.
         problems = []
         if any(err["type"] != "value_error" for err in errors):
-            problems = [at(_schema_path(e), _schema_message(e))
-                        for e in _schema_errors(_validator().iter_errors(document))]
+            problems = [at(path, message) for e in _schema_errors(_validator().iter_errors(document))
+                        for path, message in _schema_problems(e)]
         # A union (a CIDR or "default") fails once per member; the value error is the one that explains.
         explained = {_doc_path(e["loc"]) for e in errors if e["type"] == "value_error"}
         problems += [
@@ -397,14 +398,29 @@ def _schema_errors(errors: Iterable[jsonschema.ValidationError]) -> Iterator[jso
             yield error
 
 
-def _schema_path(error: jsonschema.ValidationError) -> DocPath:
+def _schema_problems(error: jsonschema.ValidationError) -> Iterator[tuple[DocPath, str]]:
+    """(where, what) of one schema error: an unknown key each at its own position, with the known key it
+    probably meant; a value outside a list of choices with the choice it probably meant."""
     path: DocPath = tuple(error.absolute_path)
+    where = ".".join(str(p) for p in path) or "document"
     if error.validator == "additionalProperties" and isinstance(error.instance, dict):
-        allowed = error.schema.get("properties", {})
+        allowed = sorted(error.schema.get("properties", {}))
         extra = [key for key in error.instance if key not in allowed]
+        for key in extra:
+            yield (*path, key), (f"{where}: unknown key {key!r}{_did_you_mean(str(key), allowed)} (known here: "
+                                 f"{', '.join(allowed)})")
         if extra:
-            return (*path, extra[0])
-    return path
+            return
+    if error.validator == "enum" and isinstance(error.instance, str):
+        choices = [c for c in error.validator_value if isinstance(c, str)]
+        yield path, f"{where}: {error.message}{_did_you_mean(error.instance, choices)}"
+        return
+    yield path, _schema_message(error)
+
+
+def _did_you_mean(given: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(given, known, n=1, cutoff=0.6)
+    return f": did you mean {close[0]!r}?" if close else ""
 
 
 def _schema_message(error: jsonschema.ValidationError) -> str:

@@ -31,7 +31,7 @@ def test_examples_are_valid(path: Path) -> None:
         # YAML syntax
         ("  routing: [\n", "f.yaml:7:1: YAML syntax"),
         # schema: unknown key, wrong type, missing required field
-        ("  routing:\n    tabels: []\n", "f.yaml:7:5: spec.routing: Additional properties are not allowed ('tabels'"),
+        ("  routing:\n    tabels: []\n", "f.yaml:7:5: spec.routing: unknown key 'tabels': did you mean 'tables'?"),
         ("  routing:\n    tables:\n      - name: a\n        id: x\n", "f.yaml:9:9: spec.routing.tables.0.id: 'x' is not of type 'integer'"),
         ("  loadBalancing:\n    services:\n      - name: a\n        vip: 10.0.0.1\n", "f.yaml:8:9: spec.loadBalancing.services.0: 'port' is a required property"),
         # values
@@ -129,7 +129,7 @@ def test_forms_yaml_readers_disagree_on_are_refused(value: str, expected: str) -
         ("  filtering:\n    input:\n      stateful: 'yes'\n", "f.yaml:8:7: spec.filtering.input.stateful: 'yes' is not "
                                                               "of type 'boolean'"),
         ("  filtering:\n    input:\n      stateful: 1\n", "spec.filtering.input.stateful: 1 is not of type 'boolean'"),
-        ("  metadata2: 1\n", "spec: Additional properties are not allowed"),
+        ("  metadata2: 1\n", "spec: unknown key 'metadata2'"),
         ("  routing:\n    tables: [{name: a, id: 1.0}]\n", "spec.routing.tables.0.id: Input should be a valid integer"),
         ("  filtering:\n    input:\n      rules:\n        - {name: r, action: rate-limit, rateLimit: {rate: 4294967296}}\n",
          "rateLimit.rate: 4294967296 is greater than the maximum of 4294967295"),
@@ -236,3 +236,26 @@ def test_the_fast_reading_of_numbers_is_pyyaml_s_yaml_1_1_where_it_refuses() -> 
         assert bool(yaml12._NOT_TEXT_TO_ONE.fullmatch(value)) == (pyyaml or value.startswith("0o")
                                                                    and value[2:].isdigit()
                                                                    and not set(value[2:]) & set("89")), value
+
+
+def test_every_unknown_key_is_reported_at_its_own_position_with_the_key_it_probably_meant(tmp_path: Path) -> None:
+    text = """apiVersion: kernform/v1
+kind: NetworkIntent
+metadata: {name: typos}
+spec:
+  filtering:
+    input:
+      rules:
+        - name: ssh
+          action: alow
+          protocols: tcp
+          prots: [22]
+"""
+    with pytest.raises(IntentError) as caught:
+        parse_text(text, "t.yaml")
+    shown = str(caught.value).splitlines()
+    assert any(s.startswith("t.yaml:9:11: ") and "did you mean 'allow'?" in s for s in shown), shown
+    assert any(s.startswith("t.yaml:10:11: ") and "unknown key 'protocols': did you mean 'protocol'?" in s
+               for s in shown), shown
+    assert any(s.startswith("t.yaml:11:11: ") and "unknown key 'prots': did you mean 'ports'?" in s
+               for s in shown), shown
