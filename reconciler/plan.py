@@ -197,6 +197,8 @@ def render_text(plan: Plan, colour: bool = False, full: bool = False, title: str
     if switch:
         lines[1:1] = [f"Backend switch: {switch[0]} -> {switch[1]} (the {switch[0]} objects go, the {switch[1]} "
                       "ones come)"]
+    elif len(plan.actions) > 1 and title is None:
+        lines[1:1] = ["By intent part: " + summary_by_origin(plan)]
     element_groups: dict[tuple[str, str], list[Action]] = {}
     for action in plan.actions:
         if action.kind == "nft.element":
@@ -224,6 +226,19 @@ def render_text(plan: Plan, colour: bool = False, full: bool = False, title: str
         lines.append("")
         lines.append(f"Plan: {counts['add']} to add, {counts['change']} to change, {counts['remove']} to remove.")
     return "\n".join(lines) + "\n"
+
+
+def summary_by_origin(plan: Plan, shown: int = 6) -> str:
+    """`loadBalancing/web +2 -2, filtering.forward/deny-docs +1`: what each part of the intent changes, the
+    parts with the most changes first, a reviewer's first line."""
+    counts: dict[str, dict[str, int]] = {}
+    for action in plan.actions:
+        part = counts.setdefault(action.origin, {"add": 0, "change": 0, "remove": 0})
+        part[action.op] += 1
+    ranked = sorted(counts.items(), key=lambda item: (-sum(item[1].values()), item[0]))
+    parts = [f"{origin} " + " ".join(f"{_SYMBOL[op]}{n}" for op, n in ops.items() if n) for origin, ops in ranked]
+    more = f", and {len(parts) - shown} more parts" if len(parts) > shown else ""
+    return ", ".join(parts[:shown]) + more
 
 
 def backend_switch(plan: Plan) -> tuple[str, str] | None:

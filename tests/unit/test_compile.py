@@ -110,6 +110,8 @@ def test_a_re_sliced_away_element_is_shown_as_part_of_its_service() -> None:
     assert removed and {a.origin for a in removed} == {"loadBalancing/svc"}, {a.origin for a in removed}
     text = render_text(plan)
     assert "not in the intent" not in text
+    counts = plan.counts()
+    assert text.splitlines()[1] == f"By intent part: loadBalancing/svc +{counts['add']} -{counts['remove']}"
 
 
 @pytest.mark.parametrize("before,after", [("tproxy", "ebpf"), ("ebpf", "tproxy")])
