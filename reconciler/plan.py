@@ -41,6 +41,16 @@ class Action(NamedTuple):
         return self.key.kind
 
     @property
+    def moved_only(self) -> bool:
+        """A rule that says the same and only sits at another position (rules before it came or went): a
+        consequence of the actions around it, not a change of its own. It stays in the plan (the chain is
+        refilled in order) but is neither counted nor shown as a change."""
+        old, new = self.old, self.new
+        return (self.op == "change" and old is not None and new is not None and self.key.kind == "nft.rule"
+                and getattr(old, "digest", None) == getattr(new, "digest", None)
+                and getattr(old, "index", None) != getattr(new, "index", None))
+
+    @property
     def origin(self) -> str:
         source = self.new if self.new is not None else self.old
         origin = getattr(source, "origin", "") if source is not None else ""
@@ -69,9 +79,11 @@ class Plan:
         return not self.actions
 
     def counts(self) -> dict[str, int]:
+        """Actions per op; rules that only moved (Action.moved_only) are not changes."""
         result = {"add": 0, "change": 0, "remove": 0}
         for action in self.actions:
-            result[action.op] += 1
+            if not action.moved_only:
+                result[action.op] += 1
         return result
 
     def of_kinds(self, kinds: Iterable[str]) -> tuple[Action, ...]:
@@ -205,7 +217,17 @@ def render_text(plan: Plan, colour: bool = False, full: bool = False, title: str
             obj = action.new or action.old
             element_groups.setdefault((action.op, getattr(obj, "set", "")), []).append(action)
     shown_groups: set[tuple[str, str]] = set()
+    # Rules that only moved are shown once per chain, and only when nothing else in the chain explains it.
+    rule_changes = {getattr(a.new or a.old, "chain", "") for a in plan.actions
+                    if a.kind == "nft.rule" and not a.moved_only}
+    reordered: set[str] = set()
     for action in plan.actions:
+        if action.moved_only:
+            chain = getattr(action.new, "chain", "")
+            if chain not in rule_changes and chain not in reordered:
+                reordered.add(chain)
+                lines.append(_line(action, f"chain {chain}: its rules put back in the intent's order", colour))
+            continue
         if action.kind == "nft.element" and not full:
             obj = action.new or action.old
             group_key = (action.op, getattr(obj, "set", ""))
@@ -233,6 +255,8 @@ def summary_by_origin(plan: Plan, shown: int = 6) -> str:
     parts with the most changes first, a reviewer's first line."""
     counts: dict[str, dict[str, int]] = {}
     for action in plan.actions:
+        if action.moved_only:
+            continue
         part = counts.setdefault(action.origin, {"add": 0, "change": 0, "remove": 0})
         part[action.op] += 1
     ranked = sorted(counts.items(), key=lambda item: (-sum(item[1].values()), item[0]))

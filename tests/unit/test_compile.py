@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import time
@@ -11,7 +12,7 @@ import pytest
 
 from compiler import compile_intent
 from compiler.loader import load_file, parse_text
-from compiler.objects import NftElement, NftRule, index_by_key
+from compiler.objects import KernelObject, NftElement, NftRule, ObjectKey, index_by_key
 from compiler.render import render
 from reconciler.plan import diff, render_text
 
@@ -124,3 +125,31 @@ def test_a_backend_switch_is_named_in_one_line(before: str, after: str) -> None:
                                     "ones come)"), text[:300]
     same = render_text(diff("service-lb", after, "host", new, new))
     assert "Backend switch" not in same
+
+
+def test_rules_that_only_moved_are_not_changes() -> None:
+    """A rule added first in a chain moves every rule after it: the plan counts and shows one addition; a
+    pure reorder shows as the chain's rules put back in order, and still refills the chain."""
+    def intent(rules: list[str]) -> dict[ObjectKey, KernelObject]:
+        body = "".join(f"        - {{name: {r}, action: deny, destinations: [192.0.2.{i}/32]}}\n"
+                       for i, r in enumerate(rules))
+        text = ("apiVersion: kernform/v1\nkind: NetworkIntent\nmetadata: {name: moves}\nspec:\n  filtering:\n"
+                f"    forward:\n      rules:\n{body}")
+        return compile_intent(parse_text(text, "m.yaml").intent, "tproxy").by_key()
+
+    before = intent(["a", "b", "c"])
+    plan = diff("moves", "tproxy", "host", intent(["new", "a", "b", "c"]), before)
+    assert plan.counts()["change"] == 0 and plan.counts()["add"] >= 1
+    assert sum(a.moved_only for a in plan.actions) == 4  # a, b, c, the default counter: refilled in order
+    assert "put back" not in render_text(plan) and "~ rule" not in render_text(plan)
+
+    # The same rules in another order (the kernel's order edited by hand): not empty, shown as a reorder.
+    rules = sorted((o for o in before.values() if isinstance(o, NftRule) and o.rule_id.startswith(("a", "b"))),
+                   key=lambda r: r.index)
+    first, second = rules[0], rules[1]
+    held = dict(before)
+    held[first.key] = dataclasses.replace(first, index=second.index)
+    held[second.key] = dataclasses.replace(second, index=first.index)
+    reorder = diff("moves", "tproxy", "host", before, held)
+    assert not reorder.empty and reorder.counts() == {"add": 0, "change": 0, "remove": 0}
+    assert "chain filter_forward: its rules put back in the intent's order" in render_text(reorder)
