@@ -275,6 +275,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
                 if args.confirm_within:
                     take(target, observed, args.confirm_within)
                     trials.append(name)
+                _progress(plan)
                 result = apply(target, wanted, plan, observed, cause=Cause.of_text("cli", item.path, item.text))
             except KernformError as exc:
                 if trials:
@@ -302,6 +303,18 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if several:
         print(f"Applied {len(done)} intents on {target.label}: {', '.join(done)}.")
     return 0
+
+
+def _progress(plan: Plan) -> None:
+    """On a terminal, say what takes seconds before it starts: compiling BPF C, or a large transaction."""
+    if not sys.stderr.isatty():
+        return
+    programs = [a.key.name for a in plan.actions if a.kind == "bpf.program" and a.op != "remove"]
+    if programs:
+        print(f"kernform: compiling and loading {len(programs)} BPF program{'s' if len(programs) > 1 else ''} "
+              f"({', '.join(programs)}): a few seconds...", file=sys.stderr, flush=True)
+    elif len(plan.actions) > 10_000:
+        print(f"kernform: applying {len(plan.actions)} changes...", file=sys.stderr, flush=True)
 
 
 def _saved_plan(args: argparse.Namespace) -> saved_plan.SavedPlan | None:
