@@ -75,3 +75,22 @@ def test_a_write_to_a_closed_pipe_exits_141_without_a_traceback(monkeypatch: pyt
         monkeypatch.setattr(sys, "stdout", closed)
         assert cli.main(["compile", str(ROOT / "examples" / "service-lb.yaml")]) == 141
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_progress_is_said_on_a_terminal_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from compiler.objects import ObjectKey
+    from kernform import cli
+    from reconciler.plan import Action, Plan
+
+    plan = Plan("i", "ebpf", "host", (Action("add", ObjectKey("bpf.program", "tc_filter"), None, None),))
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for stream, said in ((Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        cli._progress(plan)
+        assert ("compiling and loading 1 BPF program (tc_filter)" in stream.getvalue()) is said
