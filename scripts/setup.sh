@@ -21,10 +21,16 @@ if ((${#missing[@]})); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-# Debian's haproxy/nginx packages may start system services; kernform's lab
-# runs its own instances inside namespaces, so stop the host ones.
+# Debian's haproxy and nginx packages start system services when installed; kernform's lab runs its own
+# instances inside namespaces and needs none on the host. Only a service this run installed is stopped
+# (and said so): a host's own nginx or haproxy, installed before, is left as it is.
 for svc in haproxy nginx; do
-  if command -v service >/dev/null 2>&1; then service "$svc" stop >/dev/null 2>&1 || true; fi
+  pkg="$svc"; [[ "$svc" == nginx ]] && pkg=nginx-light
+  if [[ " ${missing[*]-} " == *" $pkg "* ]] && command -v service >/dev/null 2>&1; then
+    if service "$svc" stop >/dev/null 2>&1; then
+      echo "setup: stopped the $svc service Debian started when installing $pkg (kernform runs its own in namespaces)"
+    fi
+  fi
 done
 
 # bcc compiles C at run time against /lib/modules/$(uname -r)/build.
