@@ -74,6 +74,7 @@ class ControlPlaneSettings:
     service_ns: list[int] = field(default_factory=lambda: [1_000, 10_000])
     service_reps: int = 3
     service_limit_s: float = 900.0  # one repetition of one backend at one S (a generous bound: no hang)
+    service_slow_s: float = 120.0  # a repetition longer than this is the last of its backend at that S
 
 
 def _kernform_argv() -> list[str]:
@@ -215,13 +216,20 @@ class ControlPlane:
             texts = {b: self.service_texts(b, s) for b in self.backends}
             samples: dict[str, list[dict[str, Any]]] = {b: [] for b in self.backends}
             errors: dict[str, str] = {}
+            notes: dict[str, str] = {}
             for rep in range(self.settings.service_reps):
                 for backend in self.backends if rep % 2 == 0 else tuple(reversed(self.backends)):
-                    if backend in self.skipped or backend in errors:
+                    if backend in self.skipped or backend in errors or backend in notes:
                         continue
                     try:
+                        started = time.monotonic()
                         with state.time_limit(self.settings.service_limit_s, f"{backend} services S={s}"):
                             samples[backend].append(self.one_service_rep(backend, s, texts[backend]))
+                        took = time.monotonic() - started
+                        if took > self.settings.service_slow_s and rep + 1 < self.settings.service_reps:
+                            notes[backend] = (f"a repetition took {took:.0f} s (more than "
+                                              f"{self.settings.service_slow_s:.0f} s): no more repetitions at this S")
+                            self.say(f"   ({backend} S={s:,}: {notes[backend]})")
                     except Exception as exc:
                         errors[backend] = f"{type(exc).__name__}: {exc}".strip()[:600]
                         self.skipped[f"services/{backend}/S={s}"] = errors[backend]
@@ -238,6 +246,8 @@ class ControlPlane:
                 if backend in self.skipped and backend not in errors:
                     continue
                 row = self.summarise_services(backend, s, samples[backend], errors.get(backend))
+                if backend in notes:
+                    row["note"] = notes[backend]
                 self.service_results.append(row)
                 self.print_service_row(row)
 

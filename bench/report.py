@@ -328,9 +328,9 @@ def markdown(data: dict[str, Any]) -> str:
         out.append("Control plane, services of 10 backends each (median of the repetitions; apply step = observe, "
                    "diff, apply, verify with the desired state given; whole pass = parse + compile + apply step; "
                    "ops = kernel operations):\n")
-        out.append("| backend | services | objects | compile | first apply (ops) | no-op plan | +1 service: apply step "
-                   "/ whole pass (ops) | −1 service: apply step / whole pass (ops) |")
-        out.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+        out.append("| backend | services | reps | objects | compile | first apply (ops) | no-op plan | +1 service: "
+                   "apply step / whole pass (ops) | −1 service: apply step / whole pass (ops) |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 
         def ms2(x: float) -> str:
             return f"{x:.2f} s" if x >= 1 else f"{x * 1000:.0f} ms" if x >= 0.0095 else f"{x * 1000:.1f} ms"
@@ -339,7 +339,8 @@ def markdown(data: dict[str, Any]) -> str:
             if r["reps"]:
                 a, m = r["add_service"], r["remove_service"]
                 out.append(
-                    f"| {r['backend']} | {r['services']:,} | {r['objects']:,} | {ms2(r['compile_s']['median'])} | "
+                    f"| {r['backend']} | {r['services']:,} | {r['reps']} | {r['objects']:,} | "
+                    f"{ms2(r['compile_s']['median'])} | "
                     f"{ms2(r['first_apply_s']['median'])} ({r['first_apply_ops']:,}) | "
                     f"{ms2(r['noop_plan_s']['median'])} | {ms2(a['apply_s']['median'])} / "
                     f"{ms2(a['pass_s']['median'])} ({a['operations']:,}) | {ms2(m['apply_s']['median'])} / "
@@ -347,8 +348,11 @@ def markdown(data: dict[str, Any]) -> str:
             if r.get("error"):
                 error = r["error"].replace("|", "\\|")
                 after = f" (after {r['reps']} repetitions)" if r["reps"] else ""
-                out.append(f"| {r['backend']} | {r['services']:,} | failed{after}: {error} | | | | | |")
+                out.append(f"| {r['backend']} | {r['services']:,} | {r['reps']} | failed{after}: {error} | | | | | |")
         out.append("")
+        notes = [f"- {r['backend']} at {r['services']:,} services: {r['note']}" for r in svc if r.get("note")]
+        if notes:
+            out += [*notes, ""]
     if data.get("targets"):
         out.append("Targets:\n")
         out.append("| target | value | |")
