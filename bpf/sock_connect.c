@@ -57,8 +57,9 @@
  *   services_v6      hash      kf_svc_key_v6 -> kf_service     [KF_MAX_SERVICES]
  *   maglev           hash      kf_maglev_key {id, slot / 256} -> kf_maglev_chunk: 256 slots,
  *                              each a u32 backend index + 1 (0: empty)  [KF_MAGLEV_CHUNKS]
- *   backends_v4      array     u32 -> kf_backend_v4            [KF_MAX_BACKENDS]
- *   backends_v6      array     u32 -> kf_backend_v6            [KF_MAX_BACKENDS]
+ *   backends_v4      hash      kf_maglev_key {id, position / 16} -> kf_backend_chunk_v4:
+ *                              16 kf_backend_v4, the service's backends in order  [KF_BACKEND_CHUNKS]
+ *   backends_v6      hash      the same with kf_backend_chunk_v6                  [KF_BACKEND_CHUNKS]
  *   rev_nat          LRU hash  kf_rev_nat_key -> kf_rev_nat_value [KF_ORIG_DST_ENTRIES]
  *   intercept_v4/v6, intercept_rules, intercept_counters   (as in sk_lookup.c)
  *   exclude_uid      hash      u32 uid -> u8 (any value)       [KF_MAX_EXCLUDES]
@@ -355,19 +356,17 @@ KF_ALWAYS_INLINE void kf_lb_count(__u32 id, int chosen)
 		c->dropped++;
 }
 
-KF_ALWAYS_INLINE void kf_lb_count_backend(__u8 family, __u32 idx)
+KF_ALWAYS_INLINE void kf_lb_count_backend(__u32 id, __u32 pos)
 {
+	struct kf_maglev_key k = {.id = id, .chunk = pos};
 	struct kf_lb_backend_counter *c;
 
-	if (idx >= KF_MAX_BACKENDS)
-		return;
-	idx += family == 6 ? KF_MAX_BACKENDS : 0;
-	c = lb_be_counters.lookup(&idx);
+	c = lb_be_counters.lookup(&k);
 	if (!c) {
 		struct kf_lb_backend_counter zero = {};
 
-		lb_be_counters.update(&idx, &zero);
-		c = lb_be_counters.lookup(&idx);
+		lb_be_counters.update(&k, &zero);
+		c = lb_be_counters.lookup(&k);
 	}
 	if (c)
 		c->connections++;
@@ -422,24 +421,26 @@ KF_ALWAYS_INLINE int kf_pick_backend(struct bpf_sock_addr *ctx, int is6, struct 
 		kf_lb_count(svc->id, 0);
 		return -1;
 	}
-	idx -= 1;
+	idx -= 1; /* the backend's position in the service */
 	kf_lb_count(svc->id, 1);
-	kf_lb_count_backend(d->family, idx);
+	kf_lb_count_backend(svc->id, idx);
 
+	mk.chunk = idx / KF_BACKEND_CHUNK;
+	idx &= KF_BACKEND_CHUNK - 1;
 	if (d->family == 4) {
-		struct kf_backend_v4 *b = backends_v4.lookup(&idx);
+		struct kf_backend_chunk_v4 *b = backends_v4.lookup(&mk);
 
 		if (!b)
 			return -1;
-		__builtin_memcpy(addr, b->addr, 4);
-		*port = b->port;
+		__builtin_memcpy(addr, b->b[idx].addr, 4);
+		*port = b->b[idx].port;
 	} else {
-		struct kf_backend_v6 *b6 = backends_v6.lookup(&idx);
+		struct kf_backend_chunk_v6 *b6 = backends_v6.lookup(&mk);
 
 		if (!b6)
 			return -1;
-		__builtin_memcpy(addr, b6->addr, 16);
-		*port = b6->port;
+		__builtin_memcpy(addr, b6->b[idx].addr, 16);
+		*port = b6->b[idx].port;
 	}
 	return 1;
 }

@@ -62,14 +62,15 @@
  *   services_v6      hash      kf_svc_key_v6 -> kf_service     [KF_MAX_SERVICES]
  *   maglev           hash      kf_maglev_key {id, slot / 256} -> kf_maglev_chunk: 256 slots,
  *                              each a u32 backend index + 1 (0: empty)  [KF_MAGLEV_CHUNKS]
- *   backends_v4      array     u32 -> kf_backend_v4            [KF_MAX_BACKENDS]
- *   backends_v6      array     u32 -> kf_backend_v6            [KF_MAX_BACKENDS]
+ *   backends_v4      hash      kf_maglev_key {id, position / 16} -> kf_backend_chunk_v4:
+ *                              16 kf_backend_v4, the service's backends in order  [KF_BACKEND_CHUNKS]
+ *   backends_v6      hash      the same with kf_backend_chunk_v6                  [KF_BACKEND_CHUNKS]
  *     (these five exactly as in sock_connect.c; the compiler writes the
  *     same contents into both objects)
  *   lb_flows         LRU hash  kf_lb_flow_key -> kf_lb_flow     [KF_LB_FLOWS]
  *   lb_rev           LRU hash  kf_lb_rev_key -> kf_lb_rev       [KF_LB_FLOWS]
  *   lb_counters      percpu hash u32 service id -> kf_lb_counter  [KF_MAX_SERVICES]
- *   lb_be_counters   percpu hash u32 backend (+ KF_MAX_BACKENDS for v6) -> kf_lb_backend_counter
+ *   lb_be_counters   percpu hash {service id, backend position} -> kf_lb_backend_counter
  *     (both declared in lib/kf_lb_tables.h)
  *
  * Settings: KF_MAX_SERVICES, KF_MAX_BACKENDS, KF_MAGLEV_CHUNKS,
@@ -189,19 +190,17 @@ KF_ALWAYS_INLINE __u64 kf_lb_hash_addr(const __u8 *addr)
 	return kf_mix64(w[0] ^ kf_mix64(w[1]));
 }
 
-KF_ALWAYS_INLINE void kf_lb_count_backend(__u8 family, __u32 idx)
+KF_ALWAYS_INLINE void kf_lb_count_backend(__u32 id, __u32 pos)
 {
+	struct kf_maglev_key k = {.id = id, .chunk = pos};
 	struct kf_lb_backend_counter *c;
 
-	if (idx >= KF_MAX_BACKENDS)
-		return;
-	idx += family == 6 ? KF_MAX_BACKENDS : 0;
-	c = lb_be_counters.lookup(&idx);
+	c = lb_be_counters.lookup(&k);
 	if (!c) {
 		struct kf_lb_backend_counter zero = {};
 
-		lb_be_counters.update(&idx, &zero);
-		c = lb_be_counters.lookup(&idx);
+		lb_be_counters.update(&k, &zero);
+		c = lb_be_counters.lookup(&k);
 	}
 	if (c)
 		c->connections++;
@@ -237,25 +236,27 @@ KF_ALWAYS_INLINE int kf_lb_pick(struct kf_service *svc, struct kf_pkt *pkt, stru
 	/* Slots hold backend index + 1, so an all-zero slot is an empty one. */
 	if (idx == 0)
 		return -1;
-	idx -= 1;
-	kf_lb_count_backend(pkt->family, idx);
+	idx -= 1; /* the backend's position in the service */
+	kf_lb_count_backend(id, idx);
 
 	__builtin_memset(out, 0, sizeof(*out));
 	out->service_id = id;
+	mk.chunk = idx / KF_BACKEND_CHUNK;
+	idx &= KF_BACKEND_CHUNK - 1;
 	if (pkt->family == 4) {
-		struct kf_backend_v4 *b = backends_v4.lookup(&idx);
+		struct kf_backend_chunk_v4 *b = backends_v4.lookup(&mk);
 
 		if (!b)
 			return -1;
-		__builtin_memcpy(out->backend_addr, b->addr, 4);
-		out->backend_port = b->port;
+		__builtin_memcpy(out->backend_addr, b->b[idx].addr, 4);
+		out->backend_port = b->b[idx].port;
 	} else {
-		struct kf_backend_v6 *b6 = backends_v6.lookup(&idx);
+		struct kf_backend_chunk_v6 *b6 = backends_v6.lookup(&mk);
 
 		if (!b6)
 			return -1;
-		__builtin_memcpy(out->backend_addr, b6->addr, 16);
-		out->backend_port = b6->port;
+		__builtin_memcpy(out->backend_addr, b6->b[idx].addr, 16);
+		out->backend_port = b6->b[idx].port;
 	}
 	return 0;
 }

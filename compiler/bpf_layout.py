@@ -39,7 +39,7 @@ CONFIG_MAPS: dict[str, tuple[str, ...]] = {
         "intercept_v4", "intercept_v6", "intercept_rules", "exclude_uid", "exclude_gid", "local_addrs",
     ),
 }
-ARRAY_MAPS = frozenset({"rules", "config", "intercept_rules", "backends_v4", "backends_v6"})
+ARRAY_MAPS = frozenset({"rules", "config", "intercept_rules"})
 # Write order within a program: what an entry refers to is written before the entry (a Maglev chunk
 # names backends, a service its chunks), and removed after it; other maps in between, by name.
 WRITE_ORDER = {"backends_v4": 0, "backends_v6": 0, "maglev": 1, "services_v4": 2, "services_v6": 2}
@@ -47,6 +47,9 @@ WRITE_ORDER = {"backends_v4": 0, "backends_v6": 0, "maglev": 1, "services_v4": 2
 # maglev: a hash of chunks of a service's table, {u32 id, u32 chunk} -> u32 slot[MAGLEV_CHUNK]
 # (bpf/lib/kf_types.h). A service's table has its own size (compiler.maglev.table_size of its backends).
 MAGLEV_CHUNK = 256
+# backends_v4/v6: a hash of chunks of a service's backends in the intent's order, {u32 id, u32 chunk} ->
+# BACKEND_CHUNK backends; Maglev slots hold a backend's position in its service + 1.
+BACKEND_CHUNK = 16
 
 U32 = struct.Struct("<I")
 LPM_V4 = struct.Struct("<I4s")
@@ -92,17 +95,27 @@ def lpm_key(network: ipaddress.IPv4Network | ipaddress.IPv6Network | Prefix) -> 
     return layout.pack(network.prefixlen, packed)
 
 
-def maglev_chunks(svc_id: int, table: Sequence[int], values: Sequence[int]) -> list[tuple[bytes, bytes]]:
-    """(key, value) of each chunk of a service's Maglev table: slot -> values[backend] (its backend index + 1);
-    the last chunk is padded with empty slots."""
-    slots = array("I", map(values.__getitem__, table)).tobytes()
+def maglev_chunks(svc_id: int, slots: Sequence[int]) -> list[tuple[bytes, bytes]]:
+    """(key, value) of each chunk of a service's Maglev table (slot -> backend position + 1); the last chunk
+    is padded with empty slots."""
+    packed = array("I", slots).tobytes()
     width = 4 * MAGLEV_CHUNK
     chunks = []
-    for number, start in enumerate(range(0, len(slots), width)):
-        chunk = slots[start : start + width]
+    for number, start in enumerate(range(0, len(packed), width)):
+        chunk = packed[start : start + width]
         if len(chunk) < width:
             chunk += bytes(width - len(chunk))
         chunks.append((MAGLEV_KEY.pack(svc_id, number), chunk))
+    return chunks
+
+
+def backend_chunks(svc_id: int, backends: Sequence[bytes], size: int) -> list[tuple[bytes, bytes]]:
+    """(key, value) of each chunk of a service's backends (packed BACKEND_V4/V6 values of `size` bytes)."""
+    chunks = []
+    for number, start in enumerate(range(0, len(backends), BACKEND_CHUNK)):
+        part = backends[start : start + BACKEND_CHUNK]
+        chunks.append((MAGLEV_KEY.pack(svc_id, number),
+                       b"".join(part) + bytes(size * (BACKEND_CHUNK - len(part)))))
     return chunks
 
 
@@ -175,13 +188,21 @@ def _label(map_name: str, key: bytes, value: bytes) -> str:
         return (f"{ipaddress.ip_address(vip)}:{port}/{_PROTO.get(proto, proto)} -> service {svc_id}, "
                 f"{count} backends, {algo}, {size} Maglev slots")
     if map_name in ("backends_v4", "backends_v6"):
-        addr, port = (BACKEND_V4 if map_name.endswith("v4") else BACKEND_V6).unpack(value)
-        ip = ipaddress.ip_address(addr)
-        return f"[{index}] {ip}:{port}" if ip.version == 4 else f"[{index}] [{ip}]:{port}"
+        svc_id, number = MAGLEV_KEY.unpack(key)
+        layout = BACKEND_V4 if map_name.endswith("v4") else BACKEND_V6
+        shown = []
+        for at in range(0, len(value), layout.size):
+            addr, port = layout.unpack(value[at : at + layout.size])
+            if addr == bytes(len(addr)) and not port:
+                continue
+            ip = ipaddress.ip_address(addr)
+            where = f"{ip}:{port}" if ip.version == 4 else f"[{ip}]:{port}"
+            shown.append(f"[{number * BACKEND_CHUNK + at // layout.size}] {where}")
+        return f"service {svc_id}: " + ", ".join(shown)
     if map_name == "maglev":
         svc_id, number = MAGLEV_KEY.unpack(key)
         shares = Counter(array("I", value))
-        listed = ", ".join(f"backend {b - 1} x{n}" for b, n in sorted(shares.items())[:8] if b)
+        listed = ", ".join(f"backend [{b - 1}] x{n}" for b, n in sorted(shares.items())[:8] if b)
         more = ", ..." if len(shares) > 8 else ""
         empty = f", {shares[0]} empty" if shares.get(0) else ""
         first = number * MAGLEV_CHUNK

@@ -708,10 +708,9 @@ class _ServiceInputs:
 
     family: int
     key: bytes  # its services_v4/v6 key
-    entry_value: bytes  # kf_service without id and Maglev size: backend_count, algorithm, flags
-    backends: tuple[bytes, ...]  # kf_backend_v4/v6 values, in the intent's order
-    identities: tuple[bytes, ...]  # the backends' identities in the backend index table
-    table: tuple[int, ...]  # its Maglev table: slot -> position in `backends`
+    entry_value: bytes  # kf_service without id: backend_count, algorithm, flags, Maglev size
+    backends: tuple[bytes, ...]  # kf_backend_v4/v6 values, in the intent's order (position = index)
+    slots: tuple[int, ...]  # its Maglev table: slot -> the backend's position + 1
 
 
 def _service_inputs(service: Service) -> tuple[str, _ServiceInputs]:
@@ -726,19 +725,13 @@ def _decode_service(service: Service) -> _ServiceInputs:
     key = (L.SVC_KEY_V4 if family == 4 else L.SVC_KEY_V6).pack(packed(service.vip), service.port, proto)
     pack = (L.BACKEND_V4 if family == 4 else L.BACKEND_V6).pack
     backends = tuple(pack(packed(b.address), b.port or service.port) for b in service.backends)
-    seen: dict[bytes, int] = {}
-    identities = []
-    for value in backends:
-        # a backend listed twice in one service gets two indexes
-        seen[value] = seen.get(value, -1) + 1
-        identities.append(key + value + bytes([seen[value] & 0xFF, seen[value] >> 8 & 0xFF]))
     names = tuple(f"{b.address}:{b.port or service.port}" for b in service.backends)
     weights = tuple(b.weight for b in service.backends)
     size = maglev.table_size(len(names))
-    table = tuple(remembered(("maglev", names, weights, size), lambda: maglev.build(list(names), list(weights), size)))
+    table = remembered(("maglev", names, weights, size), lambda: maglev.build(list(names), list(weights), size))
     algorithm = L.LB_AFFINITY if service.algorithm == "source-hash" else L.LB_RANDOM
-    return _ServiceInputs(family, key, struct.pack("<HBB", len(backends), algorithm, 0), backends,
-                          tuple(identities), table)
+    value = struct.pack("<HBBI", len(backends), algorithm, 0, size)
+    return _ServiceInputs(family, key, value, backends, tuple(position + 1 for position in table))
 
 
 def _packed_v4(address: str) -> bytes:
@@ -750,8 +743,8 @@ def _packed_v6(address: str) -> bytes:
 
 
 class _LbTables:
-    """The load-balancing map contents of an intent's services: decoded, given ids and backend indexes once
-    per compile, then entries per program (tc_lb and sock_connect hold the same)."""
+    """The load-balancing map contents of an intent's services: decoded and given ids once per compile,
+    then entries per program (tc_lb and sock_connect hold the same)."""
 
     def __init__(self, services: Sequence[Service], limits: EbpfLimits) -> None:
         self.services = services
@@ -759,39 +752,32 @@ class _LbTables:
         self.texts = [text for text, _ in pairs]
         self.inputs = [svc for _, svc in pairs]
         self.ids: list[int] = []
-        self.indexes: list[tuple[int, ...]] = []
-        if not services:
-            return
-        ids = _slot_table("services", limits.services).assign([bytes([len(i.key)]) + i.key for i in self.inputs])
-        self.ids = [ids[bytes([len(i.key)]) + i.key] for i in self.inputs]
-        by_family: dict[int, dict[bytes, int]] = {}
-        for family in (4, 6):
-            identities = [identity for i in self.inputs if i.family == family for identity in i.identities]
-            by_family[family] = _slot_table(f"backends_v{family}", limits.backends).assign(identities) \
-                if identities else {}
-        self.indexes = [tuple(map(by_family[i.family].__getitem__, i.identities)) for i in self.inputs]
+        if services:
+            # one id space for both families (the maglev hash and the counters are shared)
+            identities = [bytes([svc.family]) + svc.key for svc in self.inputs]
+            ids = _slot_table("services", limits.services).assign(identities)
+            self.ids = list(map(ids.__getitem__, identities))
 
     def entries(self, program: _Program) -> list[BpfMapEntry]:
         """services_v4/v6, backends_v4/v6 and maglev entries of every service, for `program`."""
         entries: list[BpfMapEntry] = []
-        for service, text, svc, svc_id, indexes in zip(self.services, self.texts, self.inputs, self.ids,
-                                                       self.indexes, strict=True):
+        for service, text, svc, svc_id in zip(self.services, self.texts, self.inputs, self.ids, strict=True):
             # A service's entries depend only on these inputs (its text decodes to `svc`): a change
             # elsewhere in the intent reuses the list an earlier compile made, objects and all.
-            entries += remembered(("service entries", program.name, program.source, text, svc_id, indexes),
-                                  partial(_service_entries, program, service.name, svc, svc_id, indexes))
+            entries += remembered(("service entries", program.name, program.source, text, svc_id),
+                                  partial(_service_entries, program, service.name, svc, svc_id))
         return entries
 
 
-def _service_entries(program: _Program, name: str, svc: _ServiceInputs, svc_id: int,
-                     indexes: tuple[int, ...]) -> list[BpfMapEntry]:
+def _service_entries(program: _Program, name: str, svc: _ServiceInputs, svc_id: int) -> list[BpfMapEntry]:
+    """A service's entry, its backends (chunks of bpf_layout.BACKEND_CHUNK) and its Maglev table (chunks of
+    bpf_layout.MAGLEV_CHUNK): about three entries for a service of ten backends."""
     where = f"loadBalancing/{name}"
     out = _Program(program.name, program.source, program.origin)
-    size = len(svc.table)
-    out.entry(f"services_v{svc.family}", svc.key, L.U32.pack(svc_id) + svc.entry_value + L.U32.pack(size), where)
-    for index, value in zip(indexes, svc.backends, strict=True):
-        out.entry(f"backends_v{svc.family}", L.U32.pack(index), value, where)
-    if svc.table:
-        for key, value in L.maglev_chunks(svc_id, svc.table, [index + 1 for index in indexes]):
-            out.entry("maglev", key, value, where)
+    out.entry(f"services_v{svc.family}", svc.key, L.U32.pack(svc_id) + svc.entry_value, where)
+    size = (L.BACKEND_V4 if svc.family == 4 else L.BACKEND_V6).size
+    for key, value in L.backend_chunks(svc_id, svc.backends, size):
+        out.entry(f"backends_v{svc.family}", key, value, where)
+    for key, value in L.maglev_chunks(svc_id, svc.slots):
+        out.entry("maglev", key, value, where)
     return out.entries

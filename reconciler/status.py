@@ -24,8 +24,8 @@ What a backend does not count is listed under `notAvailable` rather than shown
 as zero. Each backend of a service has a row of its own
 (`loadBalancing/web -> 10.0.0.2:8080`, field `connections`): tproxy counts in
 the elements of the service's map (every element carries a counter; the
-elements of one backend add up), ebpf in `lb_be_counters`, indexed like the
-backends arrays.
+elements of one backend add up), ebpf in `lb_be_counters`, keyed by service id and
+the backend's position in the service.
 """
 
 from __future__ import annotations
@@ -431,15 +431,20 @@ def _service_rows(rows: Rows, program: BpfProgram, entries: Mapping[tuple[str, s
     service add up over programs. A service's backends are the indexes its Maglev row holds."""
     stats = maps.get("lb_counters", {})
     backend_stats = maps.get("lb_be_counters", {})
-    max_backends = _setting(program.cflags, "KF_MAX_BACKENDS") or 262144
-    chosen_by_id: dict[int, set[int]] = {}  # service id -> the backend indexes its Maglev chunks hold
+    chosen_by_id: dict[int, set[int]] = {}  # service id -> the backend positions its Maglev chunks hold
     for entry in entries.get((program.name, "maglev"), []):
         svc_id = bpf_layout.MAGLEV_KEY.unpack(bytes.fromhex(entry.key_hex))[0]
         chosen_by_id.setdefault(svc_id, set()).update(array("I", bytes.fromhex(entry.value_hex)))
     for map_name in ("services_v4", "services_v6"):
         family = 4 if map_name.endswith("v4") else 6
-        addresses = {bpf_layout.U32.unpack(bytes.fromhex(e.key_hex))[0]: bytes.fromhex(e.value_hex)
-                     for e in entries.get((program.name, f"backends_v{family}"), [])}
+        layout = bpf_layout.BACKEND_V4 if family == 4 else bpf_layout.BACKEND_V6
+        addresses: dict[tuple[int, int], bytes] = {}  # (service id, position) -> kf_backend value
+        for e in entries.get((program.name, f"backends_v{family}"), []):
+            chunk_id, number = bpf_layout.MAGLEV_KEY.unpack(bytes.fromhex(e.key_hex))
+            value = bytes.fromhex(e.value_hex)
+            for at in range(0, len(value), layout.size):
+                addresses[(chunk_id, number * bpf_layout.BACKEND_CHUNK + at // layout.size)] = \
+                    value[at : at + layout.size]
         for entry in entries.get((program.name, map_name), []):
             key = bytes.fromhex(entry.key_hex)
             origin = (names.services.get((map_name, entry.key_hex)) if names else None) or \
@@ -449,15 +454,15 @@ def _service_rows(rows: Rows, program: BpfProgram, entries: Mapping[tuple[str, s
             wanted = ("newFlows", "packets", "bytes", "dropped") if program.source == "tc_lb.c" \
                 else ("newFlows", "dropped")
             rows("loadBalancing", origin).add({k: fields.get(k, 0) for k in wanted})
-            for index in sorted(slot - 1 for slot in chosen_by_id.get(svc_id, ()) if slot):
-                value = addresses.get(index)
-                layout = bpf_layout.BACKEND_V4 if family == 4 else bpf_layout.BACKEND_V6
-                if value is None:
+            for position in sorted(slot - 1 for slot in chosen_by_id.get(svc_id, ()) if slot):
+                held = addresses.get((svc_id, position))
+                if held is None:
                     continue
-                address, port = layout.unpack(value)
+                address, port = layout.unpack(held)
                 ip = ipaddress.ip_address(address)
                 shown = f"{ip}:{port}" if family == 4 else f"[{ip}]:{port}"
-                chosen = _fields(backend_stats.get(index + (max_backends if family == 6 else 0)), "lb_be_counters")
+                # lb_be_counters is keyed {u32 service id, u32 position}: read as one little-endian number
+                chosen = _fields(backend_stats.get(svc_id | position << 32), "lb_be_counters")
                 rows("loadBalancing", f"{origin} -> {shown}").add({"connections": chosen.get("connections", 0)})
 
 

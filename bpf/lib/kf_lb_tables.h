@@ -28,17 +28,21 @@
 #ifndef KF_MAGLEV_CHUNKS
 #define KF_MAGLEV_CHUNKS (KF_MAX_SERVICES + 2 * KF_MAX_BACKENDS / 6 + 1)
 #endif
+/* Backend chunks per family: a service of n backends takes at most 1 + n / KF_BACKEND_CHUNK. */
+#define KF_BACKEND_CHUNKS (KF_MAX_SERVICES + KF_MAX_BACKENDS / KF_BACKEND_CHUNK + 1)
 
 /* Hashes without preallocation: memory follows what the intent holds, not its limits. */
 KF_MAP_F("hash", struct kf_svc_key_v4, struct kf_service, services_v4, KF_MAX_SERVICES, BPF_F_NO_PREALLOC);
 KF_MAP_F("hash", struct kf_svc_key_v6, struct kf_service, services_v6, KF_MAX_SERVICES, BPF_F_NO_PREALLOC);
 KF_MAP_F("hash", struct kf_maglev_key, struct kf_maglev_chunk, maglev, KF_MAGLEV_CHUNKS, BPF_F_NO_PREALLOC);
-KF_MAP("array", u32, struct kf_backend_v4, backends_v4, KF_MAX_BACKENDS);
-KF_MAP("array", u32, struct kf_backend_v6, backends_v6, KF_MAX_BACKENDS);
-/* Per service (key = kf_service.id) and per backend (key = backend index, + KF_MAX_BACKENDS for
- * backends_v6): what each program balanced. Created by the program on first use. */
-KF_MAP_F("percpu_hash", u32, struct kf_lb_counter, lb_counters, KF_MAX_SERVICES, BPF_F_NO_PREALLOC);
-KF_MAP_F("percpu_hash", u32, struct kf_lb_backend_counter, lb_be_counters, 2 * KF_MAX_BACKENDS,
+KF_MAP_F("hash", struct kf_maglev_key, struct kf_backend_chunk_v4, backends_v4, KF_BACKEND_CHUNKS,
 	 BPF_F_NO_PREALLOC);
+KF_MAP_F("hash", struct kf_maglev_key, struct kf_backend_chunk_v6, backends_v6, KF_BACKEND_CHUNKS,
+	 BPF_F_NO_PREALLOC);
+/* Per service (key = kf_service.id) and per backend (key = {service id, position}): what each program
+ * balanced. Created by the program on first use. */
+KF_MAP_F("percpu_hash", u32, struct kf_lb_counter, lb_counters, KF_MAX_SERVICES, BPF_F_NO_PREALLOC);
+KF_MAP_F("percpu_hash", struct kf_maglev_key, struct kf_lb_backend_counter, lb_be_counters,
+	 2 * KF_MAX_BACKENDS, BPF_F_NO_PREALLOC);
 
 #endif /* KF_LB_TABLES_H */

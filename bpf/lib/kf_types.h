@@ -208,8 +208,9 @@ struct kf_svc_key_v6 {
  * maglev_size slots (a prime chosen per service by the compiler, larger
  * for more backends), stored in the `maglev` hash as chunks of
  * KF_MAGLEV_CHUNK slots: slot s is maglev[{id, s / KF_MAGLEV_CHUNK}]
- * .slot[s % KF_MAGLEV_CHUNK], each an index into backends_v4 (v4 VIP) or
- * backends_v6 (v6 VIP) plus one. A service grows (more backends, a larger
+ * .slot[s % KF_MAGLEV_CHUNK], each the position of a backend among the
+ * service's backends (backends_v4 for a v4 VIP, backends_v6 for a v6 VIP)
+ * plus one. A service grows (more backends, a larger
  * table) by map updates only: no setting depends on the size of an intent.
  */
 struct kf_service {
@@ -229,7 +230,7 @@ struct kf_maglev_key {
 };
 
 struct kf_maglev_chunk {
-	__u32 slot[KF_MAGLEV_CHUNK]; /* backend index + 1; 0: empty */
+	__u32 slot[KF_MAGLEV_CHUNK]; /* the backend's position in its service + 1; 0: empty */
 };
 
 struct kf_backend_v4 {
@@ -242,6 +243,23 @@ struct kf_backend_v6 {
 	__u8 addr[16];
 	__u16 port;
 	__u16 pad;
+};
+
+/*
+ * backends_v4 / backends_v6: a service's backends, in the order of the
+ * intent, as chunks of KF_BACKEND_CHUNK: backend p of service id is
+ * backends[{id, p / KF_BACKEND_CHUNK}].b[p % KF_BACKEND_CHUNK]. Maglev slots
+ * hold p + 1. Key: struct kf_maglev_key (same layout). A service's backends
+ * are its own: adding one to a service touches no other service's entries.
+ */
+#define KF_BACKEND_CHUNK 16
+
+struct kf_backend_chunk_v4 {
+	struct kf_backend_v4 b[KF_BACKEND_CHUNK];
+};
+
+struct kf_backend_chunk_v6 {
+	struct kf_backend_v6 b[KF_BACKEND_CHUNK];
 };
 
 /*
@@ -332,10 +350,10 @@ struct kf_lb_counter {
 };
 
 /*
- * Per-CPU hash `lb_be_counters` (tc_lb and sock_connect), key = u32 backend
- * index (backends_v4), or KF_MAX_BACKENDS + index (backends_v6); created on
- * first use. Hashes rather than arrays: memory follows the services and
- * backends in use, not the (generous) limits times the number of CPUs.
+ * Per-CPU hash `lb_be_counters` (tc_lb and sock_connect), key = struct
+ * kf_maglev_key {service id, backend position}; created on first use.
+ * Hashes rather than arrays: memory follows the services and backends in
+ * use, not the (generous) limits times the number of CPUs.
  */
 struct kf_lb_backend_counter {
 	__u64 connections; /* flows (tc_lb) or connect()/sendmsg() calls (sock_connect) sent to it */

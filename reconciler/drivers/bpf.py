@@ -956,11 +956,16 @@ class BpfDriver:
                         found[entry.key] = (None if value == bytes(size) else
                                             BpfMapEntry(program.name, map_name, entry.key_hex, value.hex()))
                     continue
+                # many keys of a hash: one batch read of the whole map beats a lookup per key
+                whole = dict(bpf_map.items()) if info.type == libbpf.MAP_HASH and len(entries) > 256 else None
                 for entry in entries:
                     raw_key = bytes.fromhex(entry.key_hex)
                     kernel_key = (self._ifindex_key(raw_key) if info.name in bpf_layout.IFINDEX_KEYED_MAPS
                                   else raw_key)
-                    stored = bpf_map.held(kernel_key) if kernel_key is not None else None
+                    if whole is not None and kernel_key is not None:
+                        stored = whole.get(kernel_key)
+                    else:
+                        stored = bpf_map.held(kernel_key) if kernel_key is not None else None
                     found[entry.key] = (None if stored is None else
                                         BpfMapEntry(program.name, map_name, entry.key_hex, stored.hex()))
         return result
@@ -1741,6 +1746,7 @@ def _sum_percpu(bpf_map: libbpf.Map, fields: tuple[str, ...] | None) -> dict[int
         pairs: Iterable[tuple[int, bytes]] = (
             (index, values[index * size : (index + 1) * size]) for index in range(bpf_map.info.max_entries))
     else:
+        # a hash's key read as one little-endian number (lb_be_counters: service id | position << 32)
         pairs = ((int.from_bytes(key, "little"), value) for key, value in bpf_map.items())
     result: dict[int, Any] = {}
     fmt = struct.Struct(f"={words}Q")

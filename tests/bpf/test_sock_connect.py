@@ -65,12 +65,15 @@ def write_maglev(bpf: Any, svc_id: int, slots: list[int]) -> None:
     maglev[key] = leaf
 
 
-def set_backend(bpf: Any, kf: Any, idx: int, addr: str, port: int) -> None:
-    table = bpf[b"backends_v4"]
-    leaf = table.Leaf()
-    kf.set_addr(leaf.addr, addr)
-    leaf.port = port
-    table[table.Key(idx)] = leaf
+def set_backend(bpf: Any, kf: Any, svc_id: int, position: int, addr: str, port: int, v6: bool = False) -> None:
+    """Backend `position` of service `svc_id`: backends_v4/v6[{id, 0}].b[position] (chunks of 16)."""
+    table = bpf[b"backends_v6" if v6 else b"backends_v4"]
+    key = table.Key()
+    key.id, key.chunk = svc_id, 0
+    leaf = table.get(key) or table.Leaf()
+    kf.set_addr(leaf.b[position].addr, addr)
+    leaf.b[position].port = port
+    table[key] = leaf
 
 
 def listeners(kf: Any, ns: str, count: int) -> list[socket.socket]:
@@ -110,7 +113,8 @@ def test_connect4_balances_vip_for_cgroup_members_only(kf: Any, netns: Any, cgro
     backends = listeners(kf, ns, 2)
     ports = [b.getsockname()[1] for b in backends]
     for i, port in enumerate(ports):
-        set_backend(bpf, kf, i, "127.0.0.1", port)
+        for svc_id in (0, 1):
+            set_backend(bpf, kf, svc_id, i, "127.0.0.1", port)
     add_service(bpf, kf, "10.96.0.1", 80, 0, [0, 1], LB_RANDOM)
     add_service(bpf, kf, "10.96.0.2", 80, 1, [0, 1], LB_AFFINITY)
     attached(bpf, "kf_connect4", "CGROUP_SOCK_ADDR", "CGROUP_INET4_CONNECT")
@@ -202,7 +206,7 @@ def test_sendmsg4_balances_datagrams_and_recvmsg4_restores_the_vip(
     with backend:
         backend.bind(("127.0.0.1", 0))
         backend.settimeout(2)
-        set_backend(bpf, kf, 0, "127.0.0.1", backend.getsockname()[1])
+        set_backend(bpf, kf, 2, 0, "127.0.0.1", backend.getsockname()[1])
         services = bpf[b"services_v4"]
         key = services.Key()
         kf.set_addr(key.vip, "10.96.0.53")
@@ -230,11 +234,7 @@ def test_connect6_balances_v6_vip(kf: Any, netns: Any, cgroup: Any, attached: An
     with backend:
         backend.bind(("::1", 0))
         backend.listen(8)
-        table = bpf[b"backends_v6"]
-        leaf = table.Leaf()
-        kf.set_addr(leaf.addr, "::1")
-        leaf.port = backend.getsockname()[1]
-        table[table.Key(0)] = leaf
+        set_backend(bpf, kf, 3, 0, "::1", backend.getsockname()[1], v6=True)
         services = bpf[b"services_v6"]
         key = services.Key()
         kf.set_addr(key.vip, "fd00::96")

@@ -101,9 +101,9 @@ def maglev_table(names: list[str], weights: tuple[int, ...], size: int) -> list[
                     return table
 
 
-def add_service(bpf: Any, kf: Any, svc: Service, first_backend: int) -> list[int]:
-    """Writes the service and its Maglev block; backends are first_backend + 0..2 of
-    the family's array. Returns the slot counts per backend."""
+def add_service(bpf: Any, kf: Any, svc: Service) -> list[int]:
+    """Writes the service, its backends (the three addresses, on TCP_PORT or UDP_PORT by protocol) and its
+    Maglev table. Returns the slot counts per backend."""
     v6 = ipaddress.ip_address(svc.vip).version == 6
     services = bpf[b"services_v6" if v6 else b"services_v4"]
     key = services.Key()
@@ -115,9 +115,23 @@ def add_service(bpf: Any, kf: Any, svc: Service, first_backend: int) -> list[int
     services[key] = leaf
     if not svc.weights:
         return []
+    write_backends(bpf, kf, svc.id, v6, [(a, UDP_PORT if svc.proto == UDP else TCP_PORT)
+                                         for a in (BACKENDS6 if v6 else BACKENDS4)])
     table = maglev_table(NAMES, svc.weights, MAGLEV_SIZE)
-    write_maglev(bpf, svc.id, [first_backend + backend + 1 for backend in table])
+    write_maglev(bpf, svc.id, [backend + 1 for backend in table])
     return [table.count(i) for i in range(len(NAMES))]
+
+
+def write_backends(bpf: Any, kf: Any, svc_id: int, v6: bool, backends: list[tuple[str, int]]) -> None:
+    """A service's backends in order, one chunk of up to 16: backends_v4/v6[{id, 0}] (bpf/lib/kf_types.h)."""
+    table = bpf[b"backends_v6" if v6 else b"backends_v4"]
+    key = table.Key()
+    key.id, key.chunk = svc_id, 0
+    leaf = table.Leaf()
+    for i, (addr, port) in enumerate(backends):
+        kf.set_addr(leaf.b[i].addr, addr)
+        leaf.b[i].port = port
+    table[key] = leaf
 
 
 def write_maglev(bpf: Any, svc_id: int, slots: list[int]) -> None:
@@ -133,15 +147,7 @@ def write_maglev(bpf: Any, svc_id: int, slots: list[int]) -> None:
 
 
 def fill_maps(bpf: Any, kf: Any) -> dict[int, list[int]]:
-    """backends_v4/v6: 0..2 = TCP_PORT on each backend address, 3..5 = UDP_PORT."""
-    for family, addrs in (("v4", BACKENDS4), ("v6", BACKENDS6)):
-        table = bpf[f"backends_{family}".encode()]
-        for i, (addr, port) in enumerate([(a, TCP_PORT) for a in addrs] + [(a, UDP_PORT) for a in addrs]):
-            leaf = table.Leaf()
-            kf.set_addr(leaf.addr, addr)
-            leaf.port = port
-            table[table.Key(i)] = leaf
-    return {svc.id: add_service(bpf, kf, svc, 3 if svc.proto == UDP else 0) for svc in SERVICES}
+    return {svc.id: add_service(bpf, kf, svc) for svc in SERVICES}
 
 
 def lb_counter(bpf: Any, svc: Service) -> dict[str, int]:
@@ -569,7 +575,9 @@ def test_map_layouts(kf: Any) -> None:
         ("dropped", 24, 8),
     ]
     assert [ctypes.sizeof(bpf[n].Key) for n in (b"services_v4", b"services_v6")] == [8, 20]
-    assert [ctypes.sizeof(bpf[n].Leaf) for n in (b"services_v4", b"backends_v4", b"backends_v6")] == [12, 8, 20]
+    # backends: {u32 id, u32 chunk} -> 16 kf_backend_v4 (8 B) / kf_backend_v6 (20 B)
+    assert [ctypes.sizeof(bpf[n].Leaf) for n in (b"services_v4", b"backends_v4", b"backends_v6")] == [12, 128, 320]
+    assert layout(bpf[b"backends_v4"].Key) == [("id", 0, 4), ("chunk", 4, 4)]
     assert layout(bpf[b"services_v4"].Leaf) == [
         ("id", 0, 4),
         ("backend_count", 4, 2),

@@ -573,16 +573,16 @@ def sock_desired(backend_ports: Sequence[int], cgroup: str, extra_flags: Sequenc
     points = [(f"kf_{hook}", f"cgroup:{cgroup}:{hook.replace('sockops', 'sock_ops')}")
               for hook in ("connect4", "connect6", "sockops", "getsockopt")]
     objects: list[KernelObject] = [program(SOCK_PROG, "sock_connect.c", points, ["-DKF_MAX_RULES=64", *extra_flags])]
-    for index, port in enumerate(backend_ports):
-        objects.append(entry(SOCK_PROG, "backends_v4", L.U32.pack(index),
-                             L.BACKEND_V4.pack(ipaddress.ip_address("127.0.0.1").packed, port)))
+    backends = [L.BACKEND_V4.pack(ipaddress.ip_address("127.0.0.1").packed, port) for port in backend_ports]
     for service in range(SERVICES):
         vip = ipaddress.ip_address(VIP) + service
         objects.append(entry(SOCK_PROG, "services_v4", L.SVC_KEY_V4.pack(vip.packed, 80, TCP),
                              L.SERVICE.pack(service, len(backend_ports), L.LB_RANDOM, 0, MAGLEV)))
-        # the service's table in chunks of 256 slots (bpf_layout.maglev_chunks)
-        table = [slot % len(backend_ports) for slot in range(MAGLEV)]
-        for key, value in L.maglev_chunks(service, table, [index + 1 for index in range(len(backend_ports))]):
+        # the service's backends and its table in chunks (bpf_layout.backend_chunks, maglev_chunks)
+        for key, value in L.backend_chunks(service, backends, L.BACKEND_V4.size):
+            objects.append(entry(SOCK_PROG, "backends_v4", key, value))
+        table = [slot % len(backend_ports) + 1 for slot in range(MAGLEV)]
+        for key, value in L.maglev_chunks(service, table):
             objects.append(entry(SOCK_PROG, "maglev", key, value))
     return objects
 

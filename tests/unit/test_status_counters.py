@@ -143,14 +143,13 @@ def _live(desired: Any) -> dict[str, dict[str, Any]]:
         elif program.source in ("sk_lookup.c", "sock_connect.c"):
             live[program.name] = {"intercept_counters": {0: {"redirected": 3, "bypassed": 1, "no_proxy": 0}}}
         elif program.source == "tc_lb.c":
-            # service ids and backend indexes are the compiler's (compiler.ebpf.allocate_slots)
+            # service ids are the compiler's (compiler.ebpf.allocate_slots)
             mine = [o for o in desired.objects if isinstance(o, BpfMapEntry) and o.program == program.name]
             svc_id = next(int.from_bytes(bytes.fromhex(o.value_hex)[:4], "little") for o in mine
                           if o.map == "services_v4")
-            backends = sorted(int.from_bytes(bytes.fromhex(o.key_hex), "little") for o in mine
-                              if o.map == "backends_v4")
+            # lb_be_counters: {service id, backend position} read as one number
             live[program.name] = {"lb_counters": {svc_id: [2, 20, 2000, 1]},
-                                  "lb_be_counters": {backends[0]: [1], backends[1]: [1]}}
+                                  "lb_be_counters": {svc_id: [1], svc_id | 1 << 32: [1]}}
     return live
 
 
