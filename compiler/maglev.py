@@ -58,10 +58,14 @@ def build(backends: Sequence[str], weights: Sequence[int], size: int) -> list[in
     """Slot -> backend index. `backends` are stable identities (e.g. "10.0.0.1:80"), not positions."""
     if not backends:
         return []
-    count = len(backends)
     positions, skips = map(list, zip(*(_permutation(b, size) for b in backends), strict=True))
     if min(weights) == max(weights):
         return _build_equal(positions, skips, size)
+    return _build_weighted(positions, skips, weights, size)
+
+
+def _build_weighted(positions: list[int], skips: list[int], weights: Sequence[int], size: int) -> list[int]:
+    count = len(positions)
     table = [-1] * size
     filled = 0
     top = max(weights)
