@@ -137,9 +137,11 @@ class Dataplane:
 
     def measure(self, scenario: str, n: int, loads: dict[str, Load], metrics: dict[str, tuple[LoadSettings, bool]],
                 extra: Callable[[str], dict[str, Any]] | None = None,
-                aimed: dict[tuple[str, str], Load] | None = None) -> None:
+                aimed: dict[tuple[str, str], Load] | None = None, syn_retrans: bool = False) -> None:
         """Interleaved repetitions of every (variant, metric); one row per pair. `aimed`: the load of a
-        (variant, metric) pair that goes elsewhere than loads[variant] (e.g. a random VIP instead of the last)."""
+        (variant, metric) pair that goes elsewhere than loads[variant] (e.g. a random VIP instead of the last).
+        `syn_retrans`: count the SYNs the load's namespace sent again during each repetition (a stalled
+        connection: its latency, ~1 s, may sit beyond p99.9 while the rate shows it)."""
         samples: dict[tuple[str, str], list[dict[str, Any]]] = {}
         names = list(loads)
 
@@ -149,14 +151,20 @@ class Dataplane:
         for rep in range(self.settings.reps):
             for variant in names if rep % 2 == 0 else reversed(names):
                 for metric, (settings, keepalive) in metrics.items():
-                    samples.setdefault((variant, metric), []).append(
-                        load.run(self.kfload, load_of(variant, metric), settings, keepalive))
+                    ld = load_of(variant, metric)
+                    before = load.syn_retransmits(ld.ns) if syn_retrans else 0
+                    result = load.run(self.kfload, ld, settings, keepalive)
+                    if syn_retrans:
+                        result["syn_retrans"] = load.syn_retransmits(ld.ns) - before
+                    samples.setdefault((variant, metric), []).append(result)
         for (variant, metric), reps in samples.items():
             ld = load_of(variant, metric)
             row = {"scenario": scenario, "metric": metric, "variant": variant, "n": n,
                    "load_from": ld.label, **load.summarise(reps)}
             if ld.addresses > 1:
                 row["addresses"] = ld.addresses
+            if syn_retrans:
+                row["syn_retrans"] = sum(r["syn_retrans"] for r in reps)
             if extra is not None:
                 row.update(extra(variant))
             self.rows.append(row)
@@ -164,7 +172,8 @@ class Dataplane:
             self.say(f"   {scenario:<12} N={n:<6} {variant:<13} {metric:<13} {r['median']:>9.0f}/s "
                      f"[{r['min']:.0f}..{r['max']:.0f}]  p50 {row['latency_us']['p50'] / 1000:.2f} ms "
                      f"p99 {row['latency_us']['p99'] / 1000:.2f} ms"
-                     + (f"  errors {row['errors']}" if row["errors"] else ""))
+                     + (f"  errors {row['errors']}" if row["errors"] else "")
+                     + (f"  SYN retransmits {row['syn_retrans']}" if row.get("syn_retrans") else ""))
 
     # ------------------------------------------------------------ scenarios
     def run_all(self, scenarios: tuple[str, ...] = ("filter", "lb", "interception", "services")) -> None:
@@ -289,6 +298,12 @@ class Dataplane:
         gws = topo.GATEWAYS
         if not intents.services_text_matches():
             raise RuntimeError("bench.intents.services_text no longer writes what PyYAML writes: fix it first")
+        self.notes.append(f"services: service i is VIP 10.(100+g).0.1 + i on gateway g, port 80, over "
+                          f"{topo.SERVICE_BACKENDS} backends, backend j = pool[("
+                          f"{topo.SERVICE_BACKENDS}i+j) mod {topo.SERVICE_POOL}], pool = {topo.SERVICE_POOL} "
+                          f"consecutive addresses from {topo.service_pool_address(0)}:8080; conn_rate: the last VIP, "
+                          "conn_rate_random: a random VIP per connection; iptables: kube-proxy's iptables mode "
+                          "(a services chain of one rule per service, a chain of probability DNAT rules per service)")
         with self.phase(f"services (S VIPs:80, {topo.SERVICE_BACKENDS} backends each; the last VIP and a random one)"):
             for i, n in enumerate(s.services_ns):
                 vips = {v: [gws[v].service_vip(k) for k in range(n)] for v in ("iptables", "tproxy", "ebpf")}
@@ -327,7 +342,8 @@ class Dataplane:
                     self.say(f"   none: the client straight to a backend (last VIP's load) or to one of the "
                              f"{topo.SERVICE_POOL:,} pool addresses at random, through {gws['none'].ns}")
                 self.measure("services", n, loads,
-                             {"conn_rate": (s.close, False), "conn_rate_random": (s.close, False)}, aimed=aimed)
+                             {"conn_rate": (s.close, False), "conn_rate_random": (s.close, False)}, aimed=aimed,
+                             syn_retrans=True)
 
     def services_apply(self, backend: str, n: int, vips: list[str]) -> bool:
         """kernform's S services in the backend's gateway; a failure (or the time limit) costs this row only."""

@@ -63,6 +63,16 @@ def run(binary: Path, load: Load, settings: LoadSettings, keepalive: bool) -> di
     return result
 
 
+def syn_retransmits(ns: str) -> int:
+    """TcpExtTCPSynRetrans of namespace `ns` so far (SYNs sent again: a connection that waited ~1 s or more)."""
+    res = subprocess.run(["ip", "netns", "exec", ns, "cat", "/proc/net/netstat"], capture_output=True, text=True,
+                         timeout=10)
+    lines = [line.split() for line in res.stdout.splitlines() if line.startswith("TcpExt:")]
+    if len(lines) >= 2 and "TCPSynRetrans" in lines[0]:
+        return int(lines[1][lines[0].index("TCPSynRetrans")])
+    return -1
+
+
 def spread(values: Sequence[float]) -> dict[str, float]:
     """Median with min, max and the interquartile range."""
     vals = sorted(values)
@@ -93,8 +103,10 @@ def summarise(reps: list[dict[str, Any]]) -> dict[str, Any]:
             errors[kind] = errors.get(kind, 0) + count
     return {
         "rate": spread([r["rate"] for r in reps]),
-        "latency_us": {p: statistics.median(r["latency_us"][p] for r in reps) for p in ("p50", "p90", "p99", "p999")},
-        "reps": [{"rate": r["rate"], "p50": r["latency_us"]["p50"], "p99": r["latency_us"]["p99"]} for r in reps],
+        "latency_us": {p: statistics.median(r["latency_us"][p] for r in reps)
+                       for p in ("p50", "p90", "p99", "p999", "max") if all(p in r["latency_us"] for r in reps)},
+        "reps": [{"rate": r["rate"], "p50": r["latency_us"]["p50"], "p99": r["latency_us"]["p99"],
+                  **({"syn_retrans": r["syn_retrans"]} if "syn_retrans" in r else {})} for r in reps],
         "requests": sum(r["requests"] for r in reps),
         "errors": {k: v for k, v in errors.items() if v},
     }

@@ -276,6 +276,11 @@ def markdown(data: dict[str, Any]) -> str:
             table(f"Services (VIP:80, 10 backends each), new connections/s to {what} (iptables: kube-proxy's "
                   "iptables mode; none: straight to a backend):", "services", metric, list(SERVICE_VARIANTS),
                   "services", ratio=True)
+        stalled = [f"{r['variant']} at {r['n']:,} ({SERVICE_METRICS.get(r['metric'], r['metric'])}): "
+                   f"{r['syn_retrans']:,}" for r in rows if r["scenario"] == "services" and r.get("syn_retrans")]
+        if stalled:
+            out += ["SYN retransmits of the client over all repetitions (a connection that waited ~1 s): "
+                    + "; ".join(stalled), ""]
         failed = [(a["variant"], a["n"], a["error"]) for a in data.get("dataplane", {}).get("applies", [])
                   if a["scenario"] == "services" and a.get("error")]
         if failed:
