@@ -137,11 +137,12 @@ class Dataplane:
 
     def measure(self, scenario: str, n: int, loads: dict[str, Load], metrics: dict[str, tuple[LoadSettings, bool]],
                 extra: Callable[[str], dict[str, Any]] | None = None,
-                aimed: dict[tuple[str, str], Load] | None = None, syn_retrans: bool = False) -> None:
+                aimed: dict[tuple[str, str], Load] | None = None, retransmits: bool = False) -> None:
         """Interleaved repetitions of every (variant, metric); one row per pair. `aimed`: the load of a
         (variant, metric) pair that goes elsewhere than loads[variant] (e.g. a random VIP instead of the last).
-        `syn_retrans`: count the SYNs the load's namespace sent again during each repetition (a stalled
-        connection: its latency, ~1 s, may sit beyond p99.9 while the rate shows it)."""
+        `retransmits`: count the SYNs and segments the load's namespace sent again during each repetition (a
+        connection stalled for a second may end after the measured window, unseen in the latency, while the
+        rate shows it)."""
         samples: dict[tuple[str, str], list[dict[str, Any]]] = {}
         names = list(loads)
 
@@ -152,10 +153,10 @@ class Dataplane:
             for variant in names if rep % 2 == 0 else reversed(names):
                 for metric, (settings, keepalive) in metrics.items():
                     ld = load_of(variant, metric)
-                    before = load.syn_retransmits(ld.ns) if syn_retrans else 0
+                    before = load.retransmits(ld.ns) if retransmits else {}
                     result = load.run(self.kfload, ld, settings, keepalive)
-                    if syn_retrans:
-                        result["syn_retrans"] = load.syn_retransmits(ld.ns) - before
+                    if retransmits:
+                        result.update({k: v - before[k] for k, v in load.retransmits(ld.ns).items()})
                     samples.setdefault((variant, metric), []).append(result)
         for (variant, metric), reps in samples.items():
             ld = load_of(variant, metric)
@@ -163,8 +164,9 @@ class Dataplane:
                    "load_from": ld.label, **load.summarise(reps)}
             if ld.addresses > 1:
                 row["addresses"] = ld.addresses
-            if syn_retrans:
+            if retransmits:
                 row["syn_retrans"] = sum(r["syn_retrans"] for r in reps)
+                row["retrans_segs"] = sum(r["retrans_segs"] for r in reps)
             if extra is not None:
                 row.update(extra(variant))
             self.rows.append(row)
@@ -173,7 +175,8 @@ class Dataplane:
                      f"[{r['min']:.0f}..{r['max']:.0f}]  p50 {row['latency_us']['p50'] / 1000:.2f} ms "
                      f"p99 {row['latency_us']['p99'] / 1000:.2f} ms"
                      + (f"  errors {row['errors']}" if row["errors"] else "")
-                     + (f"  SYN retransmits {row['syn_retrans']}" if row.get("syn_retrans") else ""))
+                     + (f"  retransmits: {row['syn_retrans']} SYN, {row['retrans_segs']} segments"
+                        if row.get("retrans_segs") else ""))
 
     # ------------------------------------------------------------ scenarios
     def run_all(self, scenarios: tuple[str, ...] = ("filter", "lb", "interception", "services")) -> None:
@@ -343,7 +346,7 @@ class Dataplane:
                              f"{topo.SERVICE_POOL:,} pool addresses at random, through {gws['none'].ns}")
                 self.measure("services", n, loads,
                              {"conn_rate": (s.close, False), "conn_rate_random": (s.close, False)}, aimed=aimed,
-                             syn_retrans=True)
+                             retransmits=True)
 
     def services_apply(self, backend: str, n: int, vips: list[str]) -> bool:
         """kernform's S services in the backend's gateway; a failure (or the time limit) costs this row only."""

@@ -63,14 +63,20 @@ def run(binary: Path, load: Load, settings: LoadSettings, keepalive: bool) -> di
     return result
 
 
-def syn_retransmits(ns: str) -> int:
-    """TcpExtTCPSynRetrans of namespace `ns` so far (SYNs sent again: a connection that waited ~1 s or more)."""
-    res = subprocess.run(["ip", "netns", "exec", ns, "cat", "/proc/net/netstat"], capture_output=True, text=True,
-                         timeout=10)
-    lines = [line.split() for line in res.stdout.splitlines() if line.startswith("TcpExt:")]
-    if len(lines) >= 2 and "TCPSynRetrans" in lines[0]:
-        return int(lines[1][lines[0].index("TCPSynRetrans")])
-    return -1
+def retransmits(ns: str) -> dict[str, int]:
+    """Namespace `ns`'s retransmission counters so far: SYNs sent again (TcpExtTCPSynRetrans: a connection that
+    waited ~1 s or more) and all segments sent again (TcpRetransSegs: also requests or handshake ACKs resent)."""
+    res = subprocess.run(["ip", "netns", "exec", ns, "cat", "/proc/net/snmp", "/proc/net/netstat"],
+                         capture_output=True, text=True, timeout=10)
+    tables: dict[str, dict[str, int]] = {}
+    lines = res.stdout.splitlines()
+    for head, values in zip(lines, lines[1:], strict=False):
+        h, v = head.split(), values.split()
+        if len(h) > 1 and len(v) > 1 and h[0] == v[0] and not h[1].lstrip("-").isdigit() \
+                and v[1].lstrip("-").isdigit():
+            tables[h[0]] = dict(zip(h[1:], (int(x) for x in v[1:]), strict=False))
+    return {"syn_retrans": tables.get("TcpExt:", {}).get("TCPSynRetrans", -1),
+            "retrans_segs": tables.get("Tcp:", {}).get("RetransSegs", -1)}
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:
@@ -106,7 +112,7 @@ def summarise(reps: list[dict[str, Any]]) -> dict[str, Any]:
         "latency_us": {p: statistics.median(r["latency_us"][p] for r in reps)
                        for p in ("p50", "p90", "p99", "p999", "max") if all(p in r["latency_us"] for r in reps)},
         "reps": [{"rate": r["rate"], "p50": r["latency_us"]["p50"], "p99": r["latency_us"]["p99"],
-                  **({"syn_retrans": r["syn_retrans"]} if "syn_retrans" in r else {})} for r in reps],
+                  **{k: r[k] for k in ("syn_retrans", "retrans_segs") if k in r}} for r in reps],
         "requests": sum(r["requests"] for r in reps),
         "errors": {k: v for k, v in errors.items() if v},
     }

@@ -277,10 +277,11 @@ def markdown(data: dict[str, Any]) -> str:
                   "iptables mode; none: straight to a backend):", "services", metric, list(SERVICE_VARIANTS),
                   "services", ratio=True)
         stalled = [f"{r['variant']} at {r['n']:,} ({SERVICE_METRICS.get(r['metric'], r['metric'])}): "
-                   f"{r['syn_retrans']:,}" for r in rows if r["scenario"] == "services" and r.get("syn_retrans")]
+                   f"{r['syn_retrans']:,} / {r['retrans_segs']:,}"
+                   for r in rows if r["scenario"] == "services" and r.get("retrans_segs")]
         if stalled:
-            out += ["SYN retransmits of the client over all repetitions (a connection that waited ~1 s): "
-                    + "; ".join(stalled), ""]
+            out += ["Retransmits of the client over all repetitions, SYNs / all segments (a connection that "
+                    "waited ~1 s or more): " + "; ".join(stalled), ""]
         failed = [(a["variant"], a["n"], a["error"]) for a in data.get("dataplane", {}).get("applies", [])
                   if a["scenario"] == "services" and a.get("error")]
         if failed:
