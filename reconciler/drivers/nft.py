@@ -560,12 +560,13 @@ def build_batch(actions: Sequence[Action], desired: Iterable[KernelObject], obse
             stale.setdefault(element.set, []).append(element)
     for set_name, elements in sorted(stale.items()):
         commands += _element_commands("delete", table, set_name, elements)
-    # After the elements: a chain cannot be deleted while a verdict map element jumps to it.
-    commands += [f"delete chain {NFT_FAMILY} {table} {c}" for c in sorted(chains_replaced | chains_removed)]
     for action in acted(NftSet.kind, "change", "remove"):
         old = action.old
         assert isinstance(old, NftSet)
         commands.append(f"delete {'map' if old.is_map else 'set'} {NFT_FAMILY} {table} {old.name}")
+    # After the elements and the sets: a chain cannot be deleted while a verdict map element jumps to it
+    # (the rules using the sets are flushed above).
+    commands += [f"delete chain {NFT_FAMILY} {table} {c}" for c in sorted(chains_replaced | chains_removed)]
 
     # Chains before the elements: a verdict map element names the chain it jumps to.
     for action in acted(NftChain.kind, "add", "change"):

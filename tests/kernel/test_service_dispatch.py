@@ -152,3 +152,20 @@ def test_the_plan_of_a_fresh_process_is_empty_after_the_changes(lab: str, tmp_pa
     res = kernform("plan", str(path), "--netns", lab, "--detailed-exitcode")
     assert res.returncode == 0, res.stdout + res.stderr
 
+
+
+def test_the_last_services_go_with_their_dispatch(lab: str, tmp_path: Path) -> None:
+    """Every service removed at once: the verdict map, the chains it jumps to and the dispatch rules go in
+    one transaction (the map before the chains it names), the rest of the intent stays."""
+    path = tmp_path / "intent.yaml"
+    path.write_text(intent(range(3)) + "  filtering:\n    forward:\n      rules:\n"
+                    "        - {name: deny-docs, action: deny, destinations: [192.0.2.0/24]}\n")
+    assert kernform("apply", str(path), "--netns", lab, "--quiet").returncode == 0
+    path.write_text(path.read_text().replace("  loadBalancing:\n    services:\n", "  loadBalancing:\n    services: []\n")
+                    .split("      - name: s0")[0] + "  filtering:\n    forward:\n      rules:\n"
+                    "        - {name: deny-docs, action: deny, destinations: [192.0.2.0/24]}\n")
+    res = kernform("apply", str(path), "--netns", lab, "--quiet")
+    assert res.returncode == 0, res.stderr
+    handles = rule_handles(lab)
+    assert not [chain for chain, _ in handles if chain.startswith("lb")], handles
+    assert [chain for chain, _ in handles if chain == "filter_forward"]
