@@ -157,14 +157,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
     # "valid" means valid within this set: intents in a conflict or sharing a name are not listed as valid.
     names = [item.intent.metadata.name for item in loaded]
     excluded = {id(c.first) for c in found} | {id(c.second) for c in found}
+    valid = []
     for item, desired in compiled:
         name = item.intent.metadata.name
         if id(item) in excluded or names.count(name) > 1:
             continue
         counts = count_by_kind(desired.objects)
-        print(f"{item.path}: valid (intent {name}, {sum(counts.values())} kernel objects)")
+        valid.append({"path": item.path, "intent": name, "objects": sum(counts.values())})
+        if not args.json:
+            print(f"{item.path}: valid (intent {name}, {sum(counts.values())} kernel objects)")
+    if args.json:
+        print(json.dumps({"valid": valid, "problems": [dataclasses.asdict(p) for p in problems]}, indent=2))
     if problems:
-        print(IntentError(problems), file=sys.stderr)
+        if not args.json:
+            print(IntentError(problems), file=sys.stderr)
         return 1
     return 0
 
@@ -244,6 +250,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     several = len(loaded) > 1
     done: list[str] = []
     trials: list[str] = []
+    results: list[dict[str, Any]] = []
     with contextlib.ExitStack() as locks, Target(args.netns) as target:
         _lock_intents(locks, args, [item.intent.metadata.name for item in loaded], "apply")
         loaded, desired, slots = _checked(args, loaded, target)
@@ -263,13 +270,14 @@ def cmd_apply(args: argparse.Namespace) -> int:
                 plan, observed = make_plan(target, wanted)
                 if saved is not None:  # again, under the lock, as it is applied
                     saved.check_plan(name, _readable(plan, target).to_dict(), target.label)
-                if not args.quiet:
+                if not args.quiet and not args.json:
                     sys.stdout.write(render_text(_readable(plan, target), colour=_colour(sys.stdout),
                                                  full=args.full))
                 if plan.empty:
-                    if several and args.quiet:
+                    if several and args.quiet and not args.json:
                         print(f"intent {name}: no changes.")
                     _record_claims(args, item, wanted)
+                    results.append({"intent": name, "result": "no changes"})
                     done.append(name)
                     continue
                 if args.confirm_within:
@@ -292,15 +300,20 @@ def cmd_apply(args: argparse.Namespace) -> int:
                 return 1
             _record_claims(args, item, wanted)
             counts = plan.counts()
-            print(
-                f"Apply complete{f' (intent {name})' if several else ''}: {counts['add']} added, "
-                f"{counts['change']} changed, {counts['remove']} removed "
-                f"({result.operations} kernel operations, {result.seconds * 1000:.0f} ms); verified."
-            )
+            results.append({"intent": name, "result": "applied", **counts, "operations": result.operations,
+                            "milliseconds": round(result.seconds * 1000, 1), "verified": True})
+            if not args.json:
+                print(
+                    f"Apply complete{f' (intent {name})' if several else ''}: {counts['add']} added, "
+                    f"{counts['change']} changed, {counts['remove']} removed "
+                    f"({result.operations} kernel operations, {result.seconds * 1000:.0f} ms); verified."
+                )
             done.append(name)
         if trials:
             return _on_trial(args, target, trials)
-    if several:
+    if args.json:
+        print(json.dumps({"target": target.label, "intents": results}, indent=2))
+    elif several:
         print(f"Applied {len(done)} intents on {target.label}: {', '.join(done)}.")
     return 0
 
@@ -533,13 +546,14 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     names = [item.intent.metadata.name for item in reversed(load_inputs(args.files))] if args.files else []
     names += [name for name in args.intent or [] if name not in names]
     done: list[str] = []
+    removed: list[dict[str, Any]] = []
     with contextlib.ExitStack() as locks, Target(args.netns) as target:
         _lock_intents(locks, args, names, "destroy")
         # What will go, shown and agreed to before anything does (as `terraform destroy`).
         plans = {name: make_plan(target, DesiredState(intent=name, backend="none", objects=()))[0] for name in names}
         doomed = [name for name in names if not plans[name].empty]
         if doomed:
-            if not args.quiet:
+            if not args.quiet and not args.json:
                 for name in doomed:
                     sys.stdout.write(render_text(_readable(plans[name], target), colour=_colour(sys.stdout),
                                                  full=args.full, title=f"kernform destroy: intent {name} on "
@@ -557,11 +571,16 @@ def cmd_destroy(args: argparse.Namespace) -> int:
                           f"{', '.join(done) or 'none'}; not destroyed: {', '.join(names[index:])}.", file=sys.stderr)
                 raise
             done.append(name)
+            removed.append({"intent": name, "removed": len(result.plan.actions)})
+            if args.json:
+                continue
             if result.plan.empty:
                 print(f"Nothing to destroy: intent {name} owns no objects on {target.label}.")
             else:
                 print(f"Destroy complete: {len(result.plan.actions)} objects of intent {name} removed from "
                       f"{target.label}.")
+    if args.json:
+        print(json.dumps({"target": target.label, "intents": removed}, indent=2))
     return 0
 
 
@@ -757,6 +776,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check intents, and conflicts between them; every problem as FILE:LINE:COL")
     with_inputs(p)
     with_backend(p)
+    p.add_argument("--json", action="store_true", help="the valid intents and every problem, for machines")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("compile", help="print the lowered artifacts (nft ruleset, ip rules and routes)")
@@ -781,6 +801,7 @@ def parser() -> argparse.ArgumentParser:
     with_backend(p)
     with_netns(p)
     p.add_argument("--quiet", "-q", action="store_true", help="do not print the plan")
+    p.add_argument("--json", action="store_true", help="what was applied, per intent, for machines (no plan text)")
     p.add_argument("--full", action="store_true", help="list every set element in the plan")
     p.add_argument("--no-wait", action="store_true",
                    help="fail instead of waiting while another kernform run changes one of the intents")
@@ -818,6 +839,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--yes", "-y", action="store_true",
                    help="do not ask (needed without a terminal): what the intents own is removed at once")
     p.add_argument("--quiet", "-q", action="store_true", help="do not print what will be removed")
+    p.add_argument("--json", action="store_true", help="what was removed, per intent, for machines")
     p.add_argument("--full", action="store_true", help="list every set element in what will be removed")
     with_netns(p)
     p.add_argument("--no-wait", action="store_true",

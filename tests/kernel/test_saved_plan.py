@@ -45,8 +45,11 @@ def test_a_saved_plan_applies_exactly_and_a_stale_one_is_refused(ns: str, tmp_pa
     assert json.loads(saved.read_text())["kind"] == "kernform-saved-plan"
     assert ruleset(ns).strip() == ""  # planning changed nothing
 
-    res = kernform("apply", str(saved), "--quiet")  # the target comes from the plan
+    res = kernform("apply", str(saved), "--json")  # the target comes from the plan
     assert res.returncode == 0, res.stderr
+    applied = json.loads(res.stdout)
+    assert applied["target"] == f"netns {ns}" and applied["intents"][0]["result"] == "applied"
+    assert applied["intents"][0]["verified"] and applied["intents"][0]["add"] > 0
     assert "192.0.2.0/24" in ruleset(ns)
     assert kernform("plan", str(path), "--netns", ns, "--detailed-exitcode").returncode == 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -94,3 +95,15 @@ def test_progress_is_said_on_a_terminal_only(monkeypatch: pytest.MonkeyPatch) ->
         monkeypatch.setattr(sys, "stderr", stream)
         cli._progress(plan)
         assert ("compiling and loading 1 BPF program (tc_filter)" in stream.getvalue()) is said
+
+
+def test_validate_json_lists_valid_intents_and_every_problem(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apiVersion: kernform/v1\nkind: NetworkIntent\nmetadata: {name: bad}\nspec:\n  backend: tproxy\n"
+                   "  filtering:\n    input:\n      rules:\n        - {name: ssh, action: alow}\n")
+    res = kernform("validate", "--json", "examples/service-lb.yaml", str(bad))
+    assert res.returncode == 1 and res.stderr == "", res.stderr
+    out = json.loads(res.stdout)
+    assert [v["intent"] for v in out["valid"]] == ["service-lb"]
+    assert [(p["file"], p["line"]) for p in out["problems"]] == [(str(bad), 9)]
+    assert "did you mean 'allow'?" in out["problems"][0]["message"]
