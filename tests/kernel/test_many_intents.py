@@ -184,7 +184,7 @@ def test_a_directory_is_planned_applied_and_a_conflicting_third_intent_changes_n
 
     # destroy takes the directory too, in reverse order.
     (repo / "z.yaml").unlink()
-    result = kernform("destroy", "--yes", "--netns", namespace, str(repo))
+    result = kernform("destroy", "--yes", "--quiet", "--netns", namespace, str(repo))
     assert result.returncode == 0, result.stderr
     assert [line.split(" objects of intent ")[1].split()[0] for line in result.stdout.splitlines()] == [
         f"b-{PID}", f"a-{PID}"]
