@@ -33,6 +33,28 @@ time.sleep(3600)
 """
 
 
+# One server for every backend address: answers each connection to :8080 with the address it reached,
+# then echoes whatever comes (an open connection can be used again later).
+ADDRESS_SERVER = """
+import socket, threading
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 8080))
+s.listen(1024)
+def answer(c):
+    with c:
+        c.sendall(c.getsockname()[0].encode().ljust(32))
+        while True:
+            data = c.recv(64)
+            if not data:
+                return
+            c.sendall(data)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=answer, args=(c,), daemon=True).start()
+"""
+
+
 def sh(*args: str, check: bool = True) -> str:
     return subprocess.run(args, check=check, capture_output=True, text=True).stdout
 

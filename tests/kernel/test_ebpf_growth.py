@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sandbox import kernform, sh
+from sandbox import ADDRESS_SERVER, kernform, sh
 
 from compiler.objects import BPF_PIN_ROOT
 from reconciler.drivers import libbpf
@@ -34,27 +34,6 @@ GW, CLIENT = "kfgrw", "kfgrc"
 GW_DEV, CLIENT_DEV = "grw0", "grc0"
 GW_ADDR, CLIENT_ADDR = "10.87.0.1", "10.87.0.2"
 INTENT = "growth"
-
-# One server for every backend address: answers each connection to :8080 with the address it reached,
-# then echoes whatever comes (an open connection can be used again later).
-SERVER = """
-import socket, threading
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 8080))
-s.listen(1024)
-def answer(c):
-    with c:
-        c.sendall(c.getsockname()[0].encode().ljust(32))
-        while True:
-            data = c.recv(64)
-            if not data:
-                return
-            c.sendall(data)
-while True:
-    c, _ = s.accept()
-    threading.Thread(target=answer, args=(c,), daemon=True).start()
-"""
 
 # Inside the client namespace: connect to each VIP:80 given, print which backend answered (or the error).
 ASK = """
@@ -120,7 +99,7 @@ def lab() -> Iterator[None]:
         sh("ip", "-n", CLIENT, "route", "add", "10.96.0.0/16", "via", GW_ADDR)
         # every backend address is the gateway's own
         sh("ip", "-n", GW, "route", "add", "local", "10.128.0.0/9", "dev", "lo")
-        server = subprocess.Popen(["ip", "netns", "exec", GW, sys.executable, "-c", SERVER])
+        server = subprocess.Popen(["ip", "netns", "exec", GW, sys.executable, "-c", ADDRESS_SERVER])
         yield
     finally:
         kernform("destroy", "--yes", "--netns", GW, "--intent", INTENT)

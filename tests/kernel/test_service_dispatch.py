@@ -16,28 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sandbox import kernform, sh, veth_namespace
+from sandbox import ADDRESS_SERVER, kernform, sh, veth_namespace
 
 NS = "kfsvcd"
 DEV = "svc0"
 SERVICES = 300
 BACKENDS = 2
 TABLE = "kernform-svcdispatch"
-
-# Answers every connection to :8080 with the local address it was made to: which backend got it.
-SERVER = """
-import socket, threading
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 8080))
-s.listen(512)
-def answer(c):
-    with c:
-        c.sendall(c.getsockname()[0].encode())
-while True:
-    c, _ = s.accept()
-    threading.Thread(target=answer, args=(c,), daemon=True).start()
-"""
 
 # Run inside the namespace: connect to each VIP:80 given and print what answered (or the error).
 CLIENT = """
@@ -46,7 +31,7 @@ out = {}
 for vip in sys.argv[1:]:
     try:
         with socket.create_connection((vip, 80), timeout=1.0) as c:
-            out[vip] = c.recv(64).decode()
+            out[vip] = c.recv(64).decode().strip()
     except OSError as exc:
         out[vip] = "error: " + type(exc).__name__
 print(json.dumps(out))
@@ -78,7 +63,7 @@ def lab() -> Iterator[str]:
         batch = "".join(f"address add {backend(i, j)}/32 dev lo\n"
                         for i in range(SERVICES + 1) for j in range(BACKENDS))
         subprocess.run(["ip", "-n", ns, "-batch", "-"], input=batch, text=True, check=True)
-        server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", SERVER])
+        server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", ADDRESS_SERVER])
         try:
             yield ns
         finally:
